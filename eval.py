@@ -35,7 +35,7 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from disco_jax import convert, evaluator  # pylint: disable=g-import-not-at-top
+  from disco_jax import checkpoint, convert, evaluator  # pylint: disable=g-import-not-at-top
   if bool(_WORKDIR.value) == bool(_VARIABLES.value):
     sys.exit('error: give exactly one of --workdir (a training run) or --variables (weights)')
   if _VARIABLES.value and _CONFIG.value is None:
@@ -48,7 +48,7 @@ def main(argv):
     else:
       metrics = evaluator.evaluate(_CONFIG.value, convert.load_variables(_VARIABLES.value),
                                    _OUT.value, **common)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, checkpoint.DamagedCheckpointError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(metrics, indent=2))
 

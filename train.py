@@ -26,13 +26,14 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from disco_jax import train, validate  # pylint: disable=g-import-not-at-top
+  from disco_jax import checkpoint, train, validate  # pylint: disable=g-import-not-at-top
   logging.getLogger().setLevel(logging.INFO)
   # Orbax and TFDS log every save and read at INFO through absl's logger: keep their warnings only.
   logging.getLogger('absl').setLevel(logging.WARNING)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (validate.ConfigError, train.NonFiniteLoss) as e:
+  except (validate.ConfigError, train.NonFiniteLoss, train.Diverged,
+          checkpoint.IncompatibleCheckpointError, checkpoint.DamagedCheckpointError) as e:
     sys.exit(f'error: {e}')
   except train.Preempted as e:
     logging.warning('%s', e)

@@ -43,6 +43,14 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   o.num_epochs = 60  # length of the run in epochs (sets the schedule)
   o.num_steps = -1  # if > 0, stop after this many steps instead (the schedule keeps its epochs)
   o.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 = off (official: off)
+  o.max_update_ratio = 1.0  # stop as diverged when one step would move the parameters by more
+  # than this fraction of their global norm (Adam's first steps at lr 1e-3 move ~1e-2); 0 = off
+
+  config.model = ml_collections.ConfigDict()  # the stage files add the architecture's fields
+  config.model.dtype = 'float32'  # 'bfloat16': convolutions and matmuls in bf16 (accelerators);
+  # parameters, optimizer state, BatchNorm statistics and the loss stay float32
+  config.model.remat = False  # recompute activations inside blocks in the backward pass: less
+  # memory for about one more forward of compute
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.fsdp = 1  # devices along the 'fsdp' axis (parameter sharding); the rest is 'data'
@@ -59,4 +67,8 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   config.log.every_steps = 50  # progress line and scalars
   config.log.images_every_steps = 1000  # sample grid (gray | prediction | truth, anchors marked)
   config.log.num_images = 4  # rows of the sample grid
+
+  config.debug = ml_collections.ConfigDict()  # test hooks: leave them off in real runs
+  config.debug.nan_at_step = -1  # put a NaN into the input image of this step (1-based, as
+  # logged), to test that a non-finite loss stops the run; -1 = off
   return config

@@ -3,6 +3,7 @@
   ckpt = Checkpointer(directory, keep=3, keep_best=True, save_every=1000)
   ckpt.save(step, state, extra={...}, metrics={'val_loss': x})   # async; returns at once
   state, extra = ckpt.restore(target)                            # onto target's shardings
+  notice = PreemptionNotice(ckpt); notice.reached(step)          # after SIGTERM: save and stop
 
 What a step looks like on disk (Orbax's layout): `<directory>/<step>/` holding `state/` (the
 arrays, OCDBT + zarr, plus `_METADATA` with every array's path, shape and dtype), `meta/metadata`
@@ -25,6 +26,9 @@ import json
 import logging
 import os
 import math
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -39,6 +43,10 @@ _MAX_LISTED = 20  # mismatched paths shown in an error before "... and N more"
 
 class DamagedCheckpointError(RuntimeError):
   """A checkpoint step (or every step) of a directory cannot be read back."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint holds another model (other shapes or parameter paths) than the one restoring."""
 
 
 def _val_loss(metrics) -> float:
@@ -77,6 +85,33 @@ def _reason(error) -> str:
     error = inner
   lines = str(error).split(' [tensorstore_spec', 1)[0].splitlines()
   return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+
+
+def _quiet_abandoned_reads():
+  """Drops, for the rest of the process, the leftovers of restores that failed part-way.
+
+  When one array of a step cannot be read, Orbax stops waiting and closes its event loop while
+  TensorStore completes the step's other reads: their callbacks raise 'Event loop is closed', and
+  the abandoned read coroutines are collected with the read error inside. Python prints each as a
+  traceback through sys.unraisablehook, dozens of them, at any later moment (often at exit), after
+  the one warning that matters: a fallback that worked, or a clean error, would read like a crash.
+  Only these two kinds are dropped; any other unraisable exception goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiets_abandoned_reads', False):
+    return
+  orbax_dir = os.path.dirname(ocp.__file__)
+
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    closed_loop = (obj is None and isinstance(exc, RuntimeError)
+                   and str(exc) == 'Event loop is closed')
+    code = getattr(obj, 'cr_code', None)  # an abandoned coroutine of Orbax's reading code
+    if not (closed_loop or (code is not None and code.co_filename.startswith(orbax_dir))):
+      previous(unraisable)
+
+  hook.quiets_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def _path_str(path) -> str:
@@ -155,7 +190,10 @@ class Checkpointer:
     )
     # Handlers up front so that metadata of existing steps can be read before any save or restore.
     # Orbax's tensorstore paths must be absolute; a workdir given relative to the cwd is fine.
-    directory = os.path.abspath(os.fspath(directory))
+    # URLs (gs://bucket/...) stay as they are.
+    directory = os.fspath(directory)
+    if '://' not in directory:
+      directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
@@ -180,7 +218,10 @@ class Checkpointer:
     return step
 
   def reached_preemption(self, step: int) -> bool:
-    """True on every process once a preemption notice (SIGTERM) arrived: save and stop now."""
+    """True on every process once a preemption notice (SIGTERM) arrived: save and stop now.
+
+    Only with jax.distributed (see `PreemptionNotice`, which the trainer uses); False otherwise.
+    """
     return self._manager.reached_preemption(step)
 
   def save(self, step: int, state, extra: dict | None = None, metrics: dict | None = None,
@@ -230,7 +271,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no step in the directory.
-      ValueError: the checkpoint holds other shapes or paths than `target` (another model).
+      IncompatibleCheckpointError (a ValueError): the checkpoint holds other shapes or paths
+        than `target` (another model); nothing is read and the steps are left as they are.
       DamagedCheckpointError: `step` cannot be read, or (step=None) no step can.
     """
     abstract = _abstract(target)
@@ -275,13 +317,14 @@ class Checkpointer:
       shown = mismatches[:_MAX_LISTED]
       if len(mismatches) > _MAX_LISTED:
         shown.append(f'... and {len(mismatches) - _MAX_LISTED} more')
-      raise ValueError(f'{where} does not fit the model ({len(mismatches)} mismatched paths):\n  '
-                       + '\n  '.join(shown) + '\nrestore with the config that wrote it, or use '
-                       'a fresh workdir')
+      raise IncompatibleCheckpointError(
+          f'{where} does not fit the model ({len(mismatches)} mismatched paths):\n  '
+          + '\n  '.join(shown) + '\nrestore with the config that wrote it, or use a fresh workdir')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
     except Exception as e:  # pylint: disable=broad-except
+      _quiet_abandoned_reads()
       raise DamagedCheckpointError(
           f'{where} is damaged: its files cannot be read ({_reason(e)})') from e
     return restored[_STATE], restored[_META]
@@ -303,3 +346,53 @@ class Checkpointer:
     self._set_asides += 1
     ocp.multihost.sync_global_processes(f'disco_checkpoint_set_aside_{self._set_asides}')
     self._manager.reload()
+
+
+class PreemptionNotice:
+  """Whether a preemption notice (SIGTERM) asks training to save and stop at this step.
+
+    notice = PreemptionNotice(checkpointer)
+    try:
+      for step in ...:       # every step, on every process, with rising steps
+        if notice.reached(step): save, stop
+    finally:
+      notice.close()
+
+  The processes of a multi-process run must stop at the same step, or the collective save
+  deadlocks. There jax.distributed's preemption service catches SIGTERM on any process and makes
+  every process stop at the step after the highest one any of them had reached (Orbax's
+  `reached_preemption`). A process started without jax.distributed has no such service: Orbax
+  never reports a preemption and SIGTERM would kill it mid-step, so this class catches SIGTERM
+  itself and reports it at the next step; `close` puts the previous handler back.
+  """
+
+  def __init__(self, checkpointer: Checkpointer):
+    self._checkpointer = checkpointer
+    self._received = False
+    self._own = not jax.distributed.is_initialized()  # whether SIGTERM is ours to catch
+    if self._own and threading.current_thread() is not threading.main_thread():
+      # Python lets only the main thread set signal handlers.
+      logging.warning('training runs outside the main thread: SIGTERM is not caught, so a '
+                      'preemption kills it without a checkpoint')
+      self._own = False
+    if self._own:
+      # getsignal is None for a handler set outside Python; SIG_DFL is then the best restore.
+      self._previous = signal.getsignal(signal.SIGTERM)
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._received = True
+
+  def reached(self, step: int) -> bool:
+    """True when training should save `step` and stop: the same step on every process."""
+    if self._own:
+      return self._received
+    return self._checkpointer.reached_preemption(step)
+
+  def close(self):
+    """Put the previous SIGTERM handler back (no-op where the service catches SIGTERM)."""
+    if self._own:
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if self._previous is None else self._previous)
+      self._own = False

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageOps
 from disco_jax import anchors, colour, superpixel
 from disco_jax import model as model_lib
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.webp', '.bmp')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.tif', '.tiff', '.webp', '.bmp')
 ANCHOR_RANGE = (3, 14)  # the HF demo's clamp
 OFFICIAL_SEED = 130  # seed of the official inference script
 GAMUT_TOL = 1e-4  # linear-RGB overshoot counted as in gamut: float32 noise, far below 8 bits
@@ -57,6 +57,9 @@ def read_rgb(path) -> np.ndarray:
   PIL's Image.MAX_IMAGE_PIXELS is left as is: past about 179 Mpixel a crafted file raises
   DecompressionBombError instead of exhausting memory, and real photos are far smaller.
   """
+  if os.path.exists(path) and not os.path.isfile(path):
+    # A pipe would block forever waiting for a writer, and /dev/zero never ends.
+    raise OSError(f'{path} is not a regular file (a pipe, socket or device): not read')
   with Image.open(path) as img:
     img = ImageOps.exif_transpose(img)
     if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
@@ -288,7 +291,7 @@ def colorize_arrays(model: model_lib.DISCO, variables, rgb_list: Sequence[np.nda
 
 def list_inputs(path: str):
   """[(file, output stem relative to the output folder)]: one file, or a folder walked sorted."""
-  if os.path.isfile(path):
+  if not os.path.isdir(path):  # a file, or a pipe or device that read_rgb names and refuses
     return [(path, os.path.splitext(os.path.basename(path))[0])]
   found = []
   for root, dirs, files in os.walk(path):

@@ -45,12 +45,12 @@ def make_eval_fn(model, inception_variables=None):
 def evaluate_workdir(workdir, step=None, best=False, inception=None, num_images=8,
                      max_batches=None, seed=130):
   """Evaluates a run's checkpoint with its saved config; writes and returns the metrics."""
-  config, variables = train.load_trained(workdir, step, best)
+  config, state = train.restore_trained(workdir, step, best)
   if config.task != 'disco':
     raise ValueError(f'{workdir} holds a {config.task} run; eval.py evaluates colorizers (stage 2)')
-  checkpoints = train.ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  if step is None:
-    step = checkpoints.best_step() if best else checkpoints.latest_step()
+  # The step of the checkpoint read, which a damaged latest one may have made an earlier one.
+  step = int(state.step)
+  variables = {'params': state.params, **state.model_state}
   return evaluate(config, variables, os.path.join(workdir, 'eval'), step, inception, num_images,
                   max_batches, seed)
 

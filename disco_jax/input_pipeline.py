@@ -65,7 +65,7 @@ _TFDS_DATASETS = ('imagenet2012', 'coco/2017')
 _IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 Image.init()  # registers every plugin, so registered_extensions() lists all formats PIL can read
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png') + tuple(
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif') + tuple(
     ext for ext in ('.bmp', '.webp', '.tif', '.tiff') if ext in Image.registered_extensions())
 _EXIF_ORIENTATION = 0x0112
 
@@ -99,8 +99,12 @@ def _read_photo(path):
   """An image file -> ((H, W, 3) uint8 RGB, upright as its EXIF says, is_plain_rgb_jpeg).
 
   Raises whatever PIL raises for a file it cannot read: truncated, empty, not an image, or larger
-  than `Image.MAX_IMAGE_PIXELS` (PIL's decompression-bomb guard, deliberately left on).
+  than `Image.MAX_IMAGE_PIXELS` (PIL's decompression-bomb guard, deliberately left on); OSError for
+  a path that is not a regular file.
   """
+  if os.path.exists(path) and not os.path.isfile(path):
+    # A pipe would block the scan forever waiting for a writer, and /dev/zero never ends.
+    raise OSError(f'{path} is not a regular file (a pipe, socket or device): not read')
   with Image.open(path) as img:
     plain_jpeg = (img.format == 'JPEG' and img.mode == 'RGB'
                   and img.getexif().get(_EXIF_ORIENTATION, 1) == 1)
@@ -111,11 +115,33 @@ def _read_photo(path):
     return np.asarray(upright.convert('RGB')), plain_jpeg
 
 
+def _stored_image(path):
+  """What the dataset stores for an image file: its own bytes or its `(H, W, 3)` uint8 pixels.
+
+  A plain RGB JPEG is stored as its own bytes (no re-encoding loss), but only if TF's decoder,
+  which reads it back inside tf.data, gives the same size: libjpeg recovers from some corrupt
+  entropy data with a warning under PIL, while TF refuses the file and would stop training.
+  Anything else is stored as its upright RGB pixels, which TFDS encodes losslessly as PNG.
+  """
+  pixels, plain_jpeg = _read_photo(path)
+  if plain_jpeg:
+    with open(path, 'rb') as f:
+      encoded = f.read()
+    try:
+      if _decode(encoded).shape == pixels.shape:
+        return encoded
+    except tf.errors.OpError:
+      pass  # stored as pixels below
+  return pixels
+
+
 class DiscoImageFolder(tfds.core.GeneratorBasedBuilder):
   """A directory of photos as a TFDS dataset with one 'train' split (see `prepare_folder`)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Photos of a folder, upright RGB, unreadable files skipped.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Photos of a folder, upright RGB, unreadable files skipped.',
+                   # A folder prepared by 1.0.0 may hold JPEG bytes that stop tf.data: re-prepared.
+                   '1.1.0': 'JPEGs that TF cannot decode stored as pixels; pipes skipped.'}
 
   def __init__(self, *, folder=None, paths=(), **kwargs):
     self._folder = folder
@@ -138,7 +164,7 @@ class DiscoImageFolder(tfds.core.GeneratorBasedBuilder):
     readable, skipped = [], []
     for path in self._paths:
       try:
-        _read_photo(path)
+        _stored_image(path)  # the very decoding that preparing the dataset does
         readable.append(path)
       except Exception as e:  # pylint: disable=broad-except  # any unreadable file is skipped
         skipped.append((path, f'{type(e).__name__}: {e}'))
@@ -151,12 +177,7 @@ class DiscoImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, paths):
     for path in paths:
-      pixels, plain_jpeg = _read_photo(path)
-      with open(path, 'rb') as f:
-        # A plain RGB JPEG is stored as its own bytes (no re-encoding loss); anything else as
-        # its upright RGB pixels, which TFDS encodes losslessly as PNG.
-        image = f.read() if plain_jpeg else pixels
-      yield path, {'image': image, 'file_name': os.path.relpath(path, self._folder)}
+      yield path, {'image': _stored_image(path), 'file_name': os.path.relpath(path, self._folder)}
 
 
 def _list_images(folder):
@@ -177,7 +198,8 @@ def _folder_data_dir(folder, paths, data_dir):
   """
   digest = hashlib.sha256(folder.encode())
   for path in paths:
-    st = os.stat(path)
+    # lstat for a dangling symlink, which is listed (and skipped, named) but has no target.
+    st = os.stat(path) if os.path.exists(path) else os.lstat(path)
     digest.update(f'\0{os.path.relpath(path, folder)}\0{st.st_size}\0{st.st_mtime_ns}'.encode())
   slug = re.sub(r'[^a-z0-9]+', '_', os.path.basename(folder).lower()).strip('_')[:40] or 'folder'
   return os.path.join(data_dir, 'disco_folders', f'{slug}_{digest.hexdigest()[:16]}')
@@ -189,6 +211,9 @@ def _prepare(builder):
     if jax.process_index() == 0 and not builder.is_prepared():
       builder.download_and_prepare()
     multihost_utils.sync_global_devices('disco_input_prepare')
+    if jax.process_index() != 0 and builder.is_prepared():
+      # Made before process 0 prepared the dataset, this builder has no splits or metadata yet.
+      builder.info.read_from_directory(builder.data_dir)
   if not builder.is_prepared():  # single process, or a process with its own local data_dir
     builder.download_and_prepare()
 
@@ -222,11 +247,13 @@ def _folder_builder(folder, data_dir):
 def prepare_folder(folder, data_dir=''):
   """Turns a directory of photos into a TFDS dataset (once) and reports what went in.
 
-  Every .jpg/.jpeg/.png (and .bmp/.webp/.tif where PIL reads them) under `folder`, recursively and
-  whatever the case of the extension, is opened with PIL, turned upright by its EXIF orientation
-  and converted to RGB (greyscale, CMYK, RGBA and palette images included). Files PIL cannot read
-  are skipped, named in a warning and listed in the returned report. The dataset goes into a
-  directory under `data_dir` ('' = TFDS' default) named by the folder's path and content.
+  Every .jpg/.jpeg/.png/.gif (and .bmp/.webp/.tif where PIL reads them) under `folder`,
+  recursively and whatever the case of the extension, is opened with PIL, turned upright by its
+  EXIF orientation and converted to RGB (greyscale, 16-bit, CMYK, RGBA and palette images
+  included; an animated GIF gives its first frame). Files PIL cannot read (empty, truncated, not
+  an image, over PIL's decompression-bomb limit, dangling links, pipes) are skipped, named in a
+  warning and listed in the returned report. The dataset goes into a directory under `data_dir`
+  ('' = TFDS' default) named by the folder's path and content.
   """
   return _folder_builder(folder, _data_dir(data_dir))[1]
 

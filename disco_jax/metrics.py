@@ -68,7 +68,6 @@ class MetricWriter:
     if not self.enabled:
       return
     self._workdir = workdir
-    os.makedirs(workdir, exist_ok=True)
     # Imported here: TensorFlow takes seconds to import and most users of this module (tests,
     # other processes) never write TensorBoard files.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -79,6 +78,8 @@ class MetricWriter:
     except RuntimeError:
       pass  # TF was already initialised (e.g. by the input pipeline, which hides GPUs too)
     self._tf = tf
+    # Files go through tf.io.gfile, so that the workdir may be a gs:// bucket.
+    tf.io.gfile.makedirs(workdir)
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
     # tf.summary.scalar/image live in the `tensorboard` package, which we do not require; they
     # are tf.summary.write with these plugin tags, which TensorFlow alone provides.
@@ -88,7 +89,7 @@ class MetricWriter:
     self._scalar_meta = plugin('scalars', summary_pb2.DATA_CLASS_SCALAR)
     self._image_meta = plugin('images', summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
     # Appended to, so a resumed run continues the same file (steps may then repeat).
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    self._jsonl = tf.io.gfile.GFile(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
   def write_scalars(self, step: int, scalars: dict):
     """One line `{"step": step, "time": unix seconds, **scalars}` and one TensorBoard point each."""
@@ -111,11 +112,12 @@ class MetricWriter:
       return
     images = {name: to_uint8(image, f'image {name!r}') for name, image in images.items()}
     samples = os.path.join(self._workdir, 'samples')
-    os.makedirs(samples, exist_ok=True)
+    self._tf.io.gfile.makedirs(samples)
     with self._tb.as_default(step=int(step)):
       for name, image in images.items():
         png = _png_bytes(image)
-        with open(os.path.join(samples, f'{_file_name(name)}_{int(step):08d}.png'), 'wb') as f:
+        with self._tf.io.gfile.GFile(
+            os.path.join(samples, f'{_file_name(name)}_{int(step):08d}.png'), 'wb') as f:
           f.write(png)
         # The images plugin's format: [width, height, png, ...] as strings.
         height, width = image.shape[:2]
@@ -124,9 +126,10 @@ class MetricWriter:
     self._tb.flush()
 
   def close(self):
-    if not self.enabled or self._jsonl.closed:
+    if not self.enabled or self._jsonl is None:
       return
     self._jsonl.close()
+    self._jsonl = None
     self._tb.close()
 
 

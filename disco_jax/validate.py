@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from disco_jax import input_pipeline, optim, tasks
+from disco_jax import input_pipeline, model as model_lib, optim, tasks
 
 TASKS = ('spixnet', 'disco')
 
@@ -37,6 +37,10 @@ def _problems(config):
               f'must be a positive multiple of the device count {n}')
   if config.mesh.fsdp < 1 or n % config.mesh.fsdp:
     yield bad('mesh.fsdp', config.mesh.fsdp, f'must divide the device count {n}')
+  if config.model.dtype not in model_lib.DTYPES:
+    yield bad('model.dtype', config.model.dtype, f'must be one of {model_lib.DTYPES}')
+  if not isinstance(config.model.remat, bool):
+    yield bad('model.remat', config.model.remat, 'must be True or False')
   o = config.optim
   if o.schedule not in optim.SCHEDULES:
     yield bad('optim.schedule', o.schedule, f'must be one of {optim.SCHEDULES}')
@@ -46,6 +50,11 @@ def _problems(config):
                        ('ckpt.keep', config.ckpt.keep), ('log.every_steps', config.log.every_steps)):
     if value <= 0:
       yield bad(field, value, 'must be positive')
+  if o.max_update_ratio < 0:
+    yield bad('optim.max_update_ratio', o.max_update_ratio, 'must be >= 0 (0 = no check)')
+  if not (config.debug.nan_at_step == -1 or config.debug.nan_at_step >= 1):
+    yield bad('debug.nan_at_step', config.debug.nan_at_step,
+              'must be -1 (off) or a step number >= 1')
   if config.task != 'disco':
     return
   m = config.model
