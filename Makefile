@@ -29,4 +29,4 @@ demo: setup
 	  "$$(ls $(DEMO)/disco/samples/*.png | tail -n 1)"
 
 bench: setup
-	$(PY) bench/inference.py
+	$(PY) bench/run.py

@@ -30,7 +30,7 @@ def get_config(variant: str = ''):
   config = base_config('disco', variant, VARIANTS)
   config.spixnet_checkpoint = ''  # stage-1 workdir or converted SPixNet .msgpack (required)
 
-  m = config.model = ml_collections.ConfigDict()
+  m = config.model
   m.spix_width = 16  # SPixNet first-level channels (must match the stage-1 checkpoint)
   m.backbone_width = 64  # backbone first-block channels; blocks use x1, x2, x4, x8
   m.refine_width = 64  # RefineNet first-level channels

@@ -24,7 +24,6 @@ VARIANTS = ('', 'demo', 'tiny')
 
 def get_config(variant: str = ''):
   config = base_config('spixnet', variant, VARIANTS)
-  config.model = ml_collections.ConfigDict()
   config.model.spix_width = 16  # first-level channels; each of the 5 levels doubles it
   config.loss = ml_collections.ConfigDict()
   config.loss.ab_weight = 10.0  # colour reconstruction term

@@ -3,7 +3,10 @@
 Submodule names follow the official state dict (`conv2_3.4` -> `conv2_3_4`), so that checkpoints
 convert by a fixed rule. BatchNorm ends each block, after the activation, as in the official code.
 """
+from typing import Any
+
 import flax.linen as nn
+import jax.numpy as jnp
 
 from disco_jax import layers
 
@@ -18,6 +21,7 @@ class Backbone(nn.Module):
   """
   width: int = 64
   out_features: int = 64
+  dtype: Any = jnp.float32  # of the convolutions (BatchNorm statistics are float32 regardless)
 
   @nn.compact
   def __call__(self, gray, train: bool = False):
@@ -31,9 +35,9 @@ class Backbone(nn.Module):
         x = layers.SNConv(features, first_stride if i == 0 else 1, name=f'{name}_{2 * i}')(
             x, update=train)
         x = lrelu(x)
-      return bn(x, f'{name}_{2 * num_convs}')
+      return layers.block_output(bn(x, f'{name}_{2 * num_convs}'))
 
-    x = sn_block(gray, 'conv1_2', w, 2, 1)
+    x = sn_block(gray.astype(self.dtype), 'conv1_2', w, 2, 1)
     x = sn_block(x, 'conv2_3', 2 * w, 3, 2)
     c3 = sn_block(x, 'conv3_3', 4 * w, 3, 2)
     x = sn_block(c3, 'conv4_3', 8 * w, 3, 2)
@@ -44,11 +48,11 @@ class Backbone(nn.Module):
     x = x + layers.Conv(4 * w, name='conv3short8_0')(c3)
     x = layers.Conv(4 * w, name='conv8_3_1')(nn.relu(x))
     x = layers.Conv(4 * w, name='conv8_3_3')(nn.relu(x))
-    x = bn(nn.relu(x), 'conv8_3_5')
+    x = layers.block_output(bn(nn.relu(x), 'conv8_3_5'))
 
     x = layers.Conv(2 * w, name='conv9up_1')(layers.upsample2x(x))
     # No activation between conv9up's conv and conv9_2's: as in the official code.
-    x = bn(nn.relu(layers.Conv(2 * w, name='conv9_2_0')(x)), 'conv9_2_2')
+    x = layers.block_output(bn(nn.relu(layers.Conv(2 * w, name='conv9_2_0')(x)), 'conv9_2_2'))
 
     x = layers.Conv(w, name='conv10up_1')(layers.upsample2x(x))
     x = layers.Conv(self.out_features, name='conv10_2_1')(nn.relu(x))

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 xavier_uniform = nn.initializers.xavier_uniform()
 _DN = ('NHWC', 'HWIO', 'NHWC')
@@ -100,6 +101,8 @@ class ConvTranspose(nn.Module):
 
   kernel[ky, kx, i, o] = torch_weight[i, o, ky, kx]. out[2 iy - 1 + ky] += in[iy] * W[ky], which is
   a stride-1 convolution of the 2x-dilated input, padded by 2, with the spatially flipped kernel.
+  (The sub-pixel form, one 3x3 convolution to 4 Co channels and depth-to-space, computes the same
+  and measured slower on XLA:CPU: bench/NOTES.md.)
   """
   features: int
 
@@ -144,6 +147,29 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.eps)
     return (x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype))
+
+
+# Name of the activations kept when the training step rematerialises (`config.model.remat`).
+BLOCK_OUTPUT = 'block_output'
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT)
+
+
+def block_output(x):
+  """Marks `x` as a block boundary: saved for the backward pass when rematerialising."""
+  return checkpoint_name(x, BLOCK_OUTPUT)
+
+
+def rematerialised(module_class, enabled: bool, static_argnums=()):
+  """`module_class`, or with `enabled` its version that keeps only block outputs for the backward
+  pass and recomputes the rest from them: activation memory falls to about the block outputs, for
+  about one more forward pass of compute. The parameter paths stay the same.
+
+  Only for deterministic networks (the CNNs); `static_argnums` (Python values such as `train`)
+  count `self` as 0 for a submodule.
+  """
+  if not enabled:
+    return module_class
+  return nn.remat(module_class, static_argnums=static_argnums, policy=REMAT_POLICY)
 
 
 def upsample2x(x):

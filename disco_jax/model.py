@@ -13,7 +13,7 @@ The model is applied as a pure function: `DISCO(...).apply(variables, gray, ab, 
 `variables` holds 'params', 'batch_stats' (BatchNorm running statistics) and 'spectral' (the
 spectral-norm power-iteration vectors). Randomness comes from the 'dropout' and 'anchors' rngs.
 """
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,7 @@ from disco_jax.spixnet import SPixNet
 from disco_jax.transformer import Encoder, sine_position_encoding
 
 COLOUR_SOURCES = ('gt', 'mode')
+DTYPES = ('float32', 'bfloat16')  # config.model.dtype: compute dtype of convolutions and matmuls
 
 
 class DISCO(nn.Module):
@@ -41,18 +42,27 @@ class DISCO(nn.Module):
   dropout: float = 0.1
   num_anchors: int = 8
   random_anchors: bool = False  # DISCO-rand: anchor sites drawn uniformly instead of by k-means
+  # Compute dtype of convolutions and matmuls (jnp.bfloat16: mixed precision). Parameters stay
+  # float32, and so do BatchNorm statistics, softmaxes, superpixel pooling, k-means and outputs.
+  dtype: Any = jnp.float32
+  # Training: the backbone and RefineNet keep only block outputs for the backward pass.
+  remat: bool = False
 
   def setup(self):
-    self.segnet = SPixNet(self.spix_width)
-    self.repnet = Backbone(self.backbone_width, self.d_model)
-    encoder = lambda: Encoder(self.num_layers, self.num_heads, self.ffn_dim, self.dropout)
+    self.segnet = SPixNet(self.spix_width, self.dtype)
+    self.repnet = layers.rematerialised(Backbone, self.remat, static_argnums=(2,))(
+        self.backbone_width, self.d_model, self.dtype)
+    encoder = lambda: Encoder(self.num_layers, self.num_heads, self.ffn_dim, self.dropout,
+                              self.dtype)
     self.wildpath = encoder()  # colour modeler
     self.hintpath = encoder()  # colour generator
-    linear = lambda n: nn.Dense(n, use_bias=False, kernel_init=layers.xavier_uniform)
+    linear = lambda n: nn.Dense(n, use_bias=False, dtype=self.dtype,
+                                kernel_init=layers.xavier_uniform)
     self.mid_word_prj = linear(colour.NUM_BINS)
     self.trg_word_emb = linear(self.d_model)
     self.trg_word_prj = linear(colour.NUM_BINS)
-    self.enhanceNet = RefineNet(self.refine_width)
+    self.enhanceNet = layers.rematerialised(RefineNet, self.remat, static_argnums=(3,))(
+        self.refine_width, dtype=self.dtype)
 
   def encode(self, gray, ab, train: bool = False):
     """Everything up to the colour modeler's logits.
@@ -63,15 +73,16 @@ class DISCO(nn.Module):
     superpixel.check_size(*gray.shape[1:3])
     # SPixNet is frozen: running statistics, and no gradient reaches it.
     assoc = jax.lax.stop_gradient(self.segnet(gray, train=False))  # (B, H, W, 9)
-    features = self.repnet(gray, train)  # (B, H, W, d)
-    pooled, conf_sum = superpixel.pool(jnp.concatenate([features, ab.astype(features.dtype)], -1),
+    features = self.repnet(gray, train).astype(jnp.float32)  # (B, H, W, d)
+    pooled, conf_sum = superpixel.pool(jnp.concatenate([features, ab.astype(jnp.float32)], -1),
                                        assoc)
     tokens, spix_ab = pooled[..., :-2], pooled[..., -2:]
     pos = sine_position_encoding(tokens.shape[1], tokens.shape[2], self.d_model)
     modeler_out = self.wildpath(tokens, pos, train)
     return dict(assoc=assoc, features=features, tokens=tokens, spix_ab=spix_ab,
                 conf_sum=conf_sum, spix_size=superpixel.spixel_size(assoc), pos=pos,
-                modeler_out=modeler_out, modeler_logits=self.mid_word_prj(modeler_out))
+                modeler_out=modeler_out,
+                modeler_logits=self.mid_word_prj(modeler_out).astype(jnp.float32))
 
   def decode(self, gray, enc, anchor_mask, anchor_label, train: bool = False):
     """Colour generator and RefineNet given anchors.
@@ -81,11 +92,12 @@ class DISCO(nn.Module):
     tokens = enc['tokens']
     mask = anchor_mask.astype(tokens.dtype)[..., None]  # (B, h, w, 1)
     hint = jax.nn.one_hot(anchor_label, colour.NUM_BINS, dtype=tokens.dtype) * mask
-    hint_emb = self.trg_word_emb(jnp.concatenate([tokens, hint, mask], -1))
+    hint_emb = self.trg_word_emb(jnp.concatenate([tokens, hint, mask], -1)).astype(jnp.float32)
     generator_out = self.hintpath(hint_emb, enc['pos'], train)
     diffused = superpixel.diffuse(generator_out, enc['assoc'])
     return dict(hint_emb=hint_emb, generator_out=generator_out,
-                generator_logits=self.trg_word_prj(generator_out), diffused=diffused,
+                generator_logits=self.trg_word_prj(generator_out).astype(jnp.float32),
+                diffused=diffused,
                 ab_pred=self.enhanceNet(gray, diffused, train))
 
   def locate_anchors(self, enc, test_mode: bool):
@@ -174,6 +186,10 @@ def count_params(params, prefix: Optional[str] = None) -> int:
 def from_config(model_config) -> DISCO:
   """A DISCO module from the `config.model` fields of `configs/disco.py`."""
   fields = dict(model_config)
+  dtype = jnp.dtype(fields.get('dtype', 'float32')).name
+  if dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={fields['dtype']!r} must be one of {DTYPES}")
+  fields['dtype'] = jnp.dtype(dtype)
   if fields['d_model'] % fields['num_heads']:
     raise ValueError(f"config.model.d_model={fields['d_model']} must be divisible by "
                      f"config.model.num_heads={fields['num_heads']}")

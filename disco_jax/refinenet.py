@@ -3,6 +3,8 @@
 Names follow the official state dict (`up2.conv2.4` -> `up2/conv2_4`). All activations are ReLU and
 BatchNorm ends each block. The residual blocks are kept exactly as coded, oddities included.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -17,7 +19,7 @@ class _ConvBlock(nn.Module):
   def __call__(self, x, train):
     x = nn.relu(layers.Conv(self.features, name='inConv_0')(x))
     x = nn.relu(layers.Conv(self.features, name='conv_0')(x))
-    return layers.BatchNorm(name='conv_2')(x, train)
+    return layers.block_output(layers.BatchNorm(name='conv_2')(x, train))
 
 
 class _DownBlock(nn.Module):
@@ -28,7 +30,7 @@ class _DownBlock(nn.Module):
   def __call__(self, x, train):
     x = nn.relu(layers.Conv(self.features, 2, name='conv_0')(x))
     x = nn.relu(layers.Conv(self.features, name='conv_2')(x))
-    return layers.BatchNorm(name='conv_4')(x, train)
+    return layers.block_output(layers.BatchNorm(name='conv_4')(x, train))
 
 
 class _ResidualBlock(nn.Module):
@@ -39,7 +41,7 @@ class _ResidualBlock(nn.Module):
     c = x.shape[-1]
     r = layers.Conv(c, name='conv_0')(x)
     r = nn.relu(layers.SNConv(c, name='conv_1')(r, update=train))
-    return nn.relu(x + layers.Conv(c, name='conv_3')(r))
+    return layers.block_output(nn.relu(x + layers.Conv(c, name='conv_3')(r)))
 
 
 class _UpBlock(nn.Module):
@@ -52,22 +54,24 @@ class _UpBlock(nn.Module):
     x = nn.relu(layers.Conv(self.features, name='combine')(jnp.concatenate([x, skip], -1)))
     x = nn.relu(layers.Conv(self.features, name='conv2_0')(x))
     x = nn.relu(layers.Conv(self.features, name='conv2_2')(x))
-    return layers.BatchNorm(name='conv2_4')(x, train)
+    return layers.block_output(layers.BatchNorm(name='conv2_4')(x, train))
 
 
 class RefineNet(nn.Module):
-  """gray `(B, H, W, 1)`, diffused `(B, H, W, d)` -> ab_n `(B, H, W, 2)` in (-1, 1) (tanh)."""
+  """gray `(B, H, W, 1)`, diffused `(B, H, W, d)` -> ab_n `(B, H, W, 2)` in (-1, 1) (tanh), float32."""
   width: int = 64
   num_residual: int = 3
+  dtype: Any = jnp.float32  # of the convolutions (BatchNorm statistics are float32 regardless)
 
   @nn.compact
   def __call__(self, gray, diffused, train: bool = False):
     w = self.width
-    x0 = _ConvBlock(w, name='inConv')(jnp.concatenate([gray, diffused], -1), train)
+    x = jnp.concatenate([gray, diffused], -1).astype(self.dtype)
+    x0 = _ConvBlock(w, name='inConv')(x, train)
     x1 = _DownBlock(2 * w, name='down1')(x0, train)
     x = _DownBlock(4 * w, name='down2')(x1, train)
     for i in range(self.num_residual):
       x = _ResidualBlock(name=f'residual_{i}')(x, train)
     x = _UpBlock(2 * w, name='up2')(x, x1, train)
     x = _UpBlock(w, name='up1')(x, x0, train)
-    return jnp.tanh(layers.Conv(2, name='outConv')(x))
+    return jnp.tanh(layers.Conv(2, name='outConv')(x).astype(jnp.float32))

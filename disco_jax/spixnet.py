@@ -1,4 +1,6 @@
 """SPixNet: the superpixel association network (spec 4.2), a SpixelFCN-style U-Net on gray only."""
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -14,13 +16,14 @@ class SPixNet(nn.Module):
   `width` is the first level's channel count (16 in the released model); each level doubles it.
   """
   width: int = 16
+  dtype: Any = jnp.float32  # of the convolutions; the softmax is float32
 
   def _conv(self, x, features, name, train, stride=1):
     # conv(ci, co, stride): bias-free conv -> BN -> LeakyReLU(0.1); torch indices .0 and .1.
     x = layers.Conv(features, stride, use_bias=False, kernel_init=nn.initializers.he_normal(),
                     name=f'{name}_0')(x)
     x = layers.BatchNorm(name=f'{name}_1')(x, train)
-    return nn.leaky_relu(x, _SLOPE)
+    return layers.block_output(nn.leaky_relu(x, _SLOPE))
 
   def _deconv(self, x, features, name):
     return nn.leaky_relu(layers.ConvTranspose(features, name=f'{name}_0')(x), _SLOPE)
@@ -29,7 +32,7 @@ class SPixNet(nn.Module):
   def __call__(self, gray, train: bool = False):
     w = self.width
     skips = []
-    x = gray
+    x = gray.astype(self.dtype)
     for level in range(5):
       x = self._conv(x, w << level, f'conv{level}a', train, stride=1 if level == 0 else 2)
       x = self._conv(x, w << level, f'conv{level}b', train)
@@ -39,4 +42,4 @@ class SPixNet(nn.Module):
       x = self._conv(jnp.concatenate([skips[level], up], -1), w << level, f'conv{level}_1', train)
     logits = layers.Conv(NUM_NEIGHBOURS, kernel_init=nn.initializers.he_normal(),
                          name='pred_mask0')(x)
-    return nn.softmax(logits, axis=-1)
+    return nn.softmax(logits.astype(jnp.float32), axis=-1)

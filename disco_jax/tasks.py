@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disco_jax import colour, convert, losses, metrics, model as model_lib, superpixel, vgg
+from disco_jax import colour, convert, layers, losses, metrics, model as model_lib, superpixel, vgg
 from disco_jax.spixnet import SPixNet
 
 SPIXNET_EXPORT = 'spixnet.msgpack'  # what a finished stage-1 run leaves in its workdir
@@ -27,8 +27,9 @@ class SpixTask:
   frozen = ()
 
   def __init__(self, config):
-    self.model = SPixNet(config.model.spix_width)
+    self.model = SPixNet(config.model.spix_width, jnp.dtype(config.model.dtype))
     self.loss_config = config.loss
+    self.remat = config.model.remat
 
   def init_variables(self, seed):
     gray = jnp.zeros((1, superpixel.STRIDE, superpixel.STRIDE, 1))
@@ -40,8 +41,11 @@ class SpixTask:
 
   def loss(self, params, model_state, batch, rng, train):
     del rng  # deterministic network
-    assoc, new_state = self.model.apply({'params': params, **model_state}, batch['gray'],
-                                        train=train, mutable=list(self.mutable))
+    forward = lambda p, s, gray: self.model.apply({'params': p, **s}, gray, train=train,
+                                                  mutable=list(self.mutable))
+    if self.remat:  # see layers.rematerialised
+      forward = jax.checkpoint(forward, policy=layers.REMAT_POLICY)
+    assoc, new_state = forward(params, model_state, batch['gray'])
     terms = self._terms(assoc, batch)
     return sum(terms.values()), (terms, new_state, {'assoc': assoc})
 
@@ -112,7 +116,7 @@ class DiscoTask:
         rngs={'dropout': k_drop, 'anchors': k_anchor}, mutable=list(self.mutable))
     total, terms = losses.disco_loss(out, batch['gray'], batch['ab'], self.class_weights,
                                      self.vgg_params, self.vgg_mode, self.perceptual_weight,
-                                     self.ab_l1_weight)
+                                     self.ab_l1_weight, self.model.dtype, self.model.remat)
     return total, (terms, new_state, out)
 
   def eval_terms(self, params, model_state, batch, rng):
@@ -123,7 +127,8 @@ class DiscoTask:
     def one(o, gray, ab):
       o = jax.tree_util.tree_map(lambda x: x[None], o)
       return losses.disco_loss(o, gray[None], ab[None], self.class_weights, self.vgg_params,
-                               self.vgg_mode, self.perceptual_weight, self.ab_l1_weight)[1]
+                               self.vgg_mode, self.perceptual_weight, self.ab_l1_weight,
+                               self.model.dtype, self.model.remat)[1]
 
     keys = ('anchor_label', 'modeler_logits', 'generator_logits', 'ab_pred')
     return jax.vmap(one)({k: out[k] for k in keys}, batch['gray'], batch['ab'])

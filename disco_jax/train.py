@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from disco_jax import checkpoint as ckpt_lib
+from disco_jax import compiled_stats
 from disco_jax import input_pipeline, metrics as metrics_lib, optim, sharding, tasks, validate
 
 PREEMPTED_EXIT_CODE = 42
@@ -31,6 +33,10 @@ class Preempted(Exception):
 
 class NonFiniteLoss(FloatingPointError):
   """A loss term or the gradient became NaN or infinite."""
+
+
+class Diverged(FloatingPointError):
+  """One update would have moved the parameters by more than config.optim.max_update_ratio."""
 
 
 @flax.struct.dataclass
@@ -52,8 +58,13 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def make_train_step(task, tx, schedule, seed):
-  """The pure step. Randomness is fold_in(key(seed), step): independent of where a run resumed."""
+def make_train_step(task, tx, schedule, seed, max_update_ratio=0.0):
+  """The pure step. Randomness is fold_in(key(seed), step): independent of where a run resumed.
+
+  A step whose loss, terms or gradient are not finite, or (with `max_update_ratio` > 0) whose
+  update is larger than `max_update_ratio` times the parameters' norm, changes nothing; its
+  metrics `finite` and `update_ratio` say so and the host stops the run (`_Pending.flush`).
+  """
   base_key = jax.random.key(seed)
 
   def train_step(state, batch):
@@ -63,15 +74,20 @@ def make_train_step(task, tx, schedule, seed):
         state.params, state.model_state, batch, rng, True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # A non-finite step changes nothing: the host stops the run at its next check, and the state
-    # that may then be saved is the last good one.
-    ok = jnp.isfinite(loss) & _all_finite(terms) & _all_finite(grads)
+    # Adam moves each parameter by about lr whatever its gradient, so a diverging run can keep a
+    # finite, even falling, loss (at lr 1e6 the tiny SPixNet's gradients vanish after one step):
+    # the update's size relative to the parameters shows it.
+    update_ratio = optax.tree.norm(updates) / optax.tree.norm(state.params)
+    finite = jnp.isfinite(loss) & _all_finite(terms) & _all_finite(grads)
+    # A bad step changes nothing: the host stops the run at its next check, and the state that
+    # may then be saved is the last good one.
+    ok = finite if max_update_ratio <= 0 else finite & (update_ratio <= max_update_ratio)
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            model_state=keep(new_model_state, state.model_state),
                            opt_state=keep(opt_state, state.opt_state))
-    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=schedule(state.step), finite=ok)
+    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads), update_ratio=update_ratio,
+                   lr=schedule(state.step), finite=finite)
     return new_state, metrics
 
   return train_step
@@ -94,9 +110,10 @@ def make_eval_step(task, seed):
 class _Pending:
   """Metrics of steps run since the last host check, still on device."""
   items: list = dataclasses.field(default_factory=list)
+  max_update_ratio: float = 0.0  # config.optim.max_update_ratio; 0 = no divergence check
 
   def flush(self):
-    """Fetch, check for non-finite values, and return the mean of each scalar."""
+    """Fetch, check for non-finite values and divergence, and return the mean of each scalar."""
     if not self.items:
       return {}
     fetched = [(step, _fetch(m)) for step, m in self.items]
@@ -107,6 +124,12 @@ class _Pending:
         raise NonFiniteLoss(f'non-finite value at step {step + 1}: {", ".join(bad)} '
                             f'({", ".join(f"{k}={m[k]}" for k in bad if k in m)}); '
                             'the state of that step was not applied and not saved')
+      if 0 < self.max_update_ratio < m['update_ratio']:
+        raise Diverged(f'training diverged at step {step + 1}: its update would have moved the '
+                       f'parameters by {m["update_ratio"]:.3g} times their norm (more than '
+                       f'config.optim.max_update_ratio={self.max_update_ratio:g}; loss '
+                       f'{m["loss"]:.4g}, lr {m["lr"]:.3g}); the state of that step was not '
+                       'applied and not saved: lower config.optim.learning_rate')
     keys = [k for k in fetched[0][1] if k != 'finite']
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
 
@@ -124,17 +147,24 @@ def evaluate(eval_step, state, config, batch_shard):
 
 
 def _write_config(config, workdir):
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+  # epath: the workdir may be a gs:// bucket (see README, "Running on a TPU pod").
+  path = epath.Path(workdir) / 'config.json'
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(config.to_json_best_effort(indent=2))
+  tmp.replace(path)
 
 
 def _fetch(tree):
   """Host copies of jit outputs that are replicated over the mesh. `jax.device_get` refuses arrays
   spanning other processes' devices; each process holds a full copy of a replicated one."""
   return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _with_nan(batch, batch_shard):
+  """Test hook (config.debug.nan_at_step): `batch` with a NaN in the first pixel of its first
+  input image, as a corrupt record or a fault upstream would bring."""
+  poison = lambda b: {**b, 'gray': b['gray'].at[0, 0, 0, 0].set(jnp.nan)}
+  return jax.jit(poison, out_shardings=batch_shard)(batch)
 
 
 def _save_pictures(writer, picture_fn, task, state, batch, step):
@@ -149,9 +179,7 @@ def train_and_evaluate(config, workdir: str):
   """
   validate.validate_config(config)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    _write_config(config, workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.fsdp)
   batch_shard = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
@@ -185,12 +213,16 @@ def train_and_evaluate(config, workdir: str):
     start = int(_fetch(state.step))
     logging.info('resuming from the checkpoint at step %d in %s', start, workdir)
   if is_main:
+    # Written after the restore: a run refused by the checkpoint (another model) leaves the
+    # config of the run that wrote it, which eval.py and a rerun rely on.
+    _write_config(config, workdir)
     logging.info('parameters:\n%s', metrics_lib.param_overview(state.params))
     logging.info('mesh %s over %d devices (%d processes); %d steps per epoch, %d steps in all',
                  dict(mesh.shape), jax.device_count(), jax.process_count(), steps_per_epoch,
                  total_steps)
 
-  train_step = jax.jit(make_train_step(task, tx, schedule, config.seed),
+  train_step = jax.jit(make_train_step(task, tx, schedule, config.seed,
+                                       config.optim.max_update_ratio),
                        in_shardings=(state_shard, batch_shard),
                        out_shardings=(state_shard, replicated),
                        donate_argnums=(0,))
@@ -200,14 +232,30 @@ def train_and_evaluate(config, workdir: str):
                        out_shardings=replicated)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total_steps, start)
-  pending = _Pending()
+  pending = _Pending(max_update_ratio=config.optim.max_update_ratio)
   batches = input_pipeline.train_iterator(config, batch_shard, start_step=start)
   scalars = {}
   every = lambda n, s: n > 0 and s % n == 0
+  preemption = ckpt_lib.PreemptionNotice(checkpointer)
+  compiled_step = None
   try:
+    # Reports the first step to the preemption service of a multi-process run before compiling:
+    # a notice that comes before any process reported a step sets the stop at step 1, which a
+    # resumed run has passed, so it would train on until killed.
+    if preemption.reached(start):
+      raise Preempted(f'preempted at step {start}, before training went on; rerun the same '
+                      'command to resume')
     for step in range(start, total_steps):
       batch = next(batches)
-      state, m = train_step(state, batch)
+      if step + 1 == config.debug.nan_at_step:  # a test hook, off (-1) in real runs
+        batch = _with_nan(batch, batch_shard)
+      if compiled_step is None:
+        # Compiled ahead of the first call so that XLA's own account of the step is logged.
+        compiled_step = train_step.lower(state, batch).compile()
+        if is_main:
+          logging.info('train step compiled (per device): %s',
+                       compiled_stats.describe(compiled_stats.compiled_stats(compiled_step)))
+      state, m = compiled_step(state, batch)
       pending.items.append((step, m))
       done = step + 1
       last = done == total_steps
@@ -234,7 +282,7 @@ def train_and_evaluate(config, workdir: str):
         checkpointer.save(done, state, force=last, metrics={'val_loss': scalars['val_loss']}
                           if 'val_loss' in scalars else None)
         saved = True
-      if not last and checkpointer.reached_preemption(done):
+      if not last and preemption.reached(done):
         pending.flush()
         if not saved:
           checkpointer.save(done, state, force=True)
@@ -242,6 +290,7 @@ def train_and_evaluate(config, workdir: str):
         raise Preempted(f'preempted at step {done}: checkpoint saved; rerun the same command '
                         'to resume')
   finally:
+    preemption.close()
     checkpointer.wait()
     writer.close()
   if config.task == 'spixnet':
@@ -256,18 +305,16 @@ def train_and_evaluate(config, workdir: str):
   return scalars
 
 
-def load_trained(workdir: str, step=None, best: bool = False):
-  """(config, variables) of a training run: the config it saved and a checkpoint's variables.
+def restore_trained(workdir: str, step=None, best: bool = False):
+  """(config, TrainState) of a training run: the config it saved and a whole checkpoint.
 
-  Restores the latest checkpoint (or `step`, or with `best` the one of lowest validation loss)
-  onto all local devices, replicated. `variables` = {'params', 'batch_stats'[, 'spectral']}, ready
-  for `model.apply`; the optimizer state is read (the checkpoint holds it) and dropped.
+  Restores the latest checkpoint that can be read (or `step`, or with `best` the one of lowest
+  validation loss) onto all local devices, replicated; `state.step` says which step it was.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.is_file():
     raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir of train.py')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   # The frozen inputs (SPixNet file, VGG19) live in the checkpoint or are not needed to evaluate.
   task = tasks.SpixTask(config) if config.task == 'spixnet' else tasks.DiscoTask(config)
   tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 1),
@@ -283,4 +330,14 @@ def load_trained(workdir: str, step=None, best: bool = False):
     if step is None:
       raise FileNotFoundError(f'{workdir}: no checkpoint with a validation loss to pick the best')
   state, _ = checkpointer.restore(target, step)
+  return config, state
+
+
+def load_trained(workdir: str, step=None, best: bool = False):
+  """(config, variables) of a training run: `restore_trained`'s config and model variables.
+
+  `variables` = {'params', 'batch_stats'[, 'spectral']}, ready for `model.apply`; the optimizer
+  state is read (the checkpoint holds it) and dropped.
+  """
+  config, state = restore_trained(workdir, step, best)
   return config, {'params': state.params, **state.model_state}

@@ -3,6 +3,8 @@
 Tokens are batch-first `(B, L, d)` in raster order (index = row * w + col). The sine positional
 encoding is added to the queries and keys of every layer and never to the values ("dense_pos").
 """
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -29,9 +31,9 @@ def sine_position_encoding(h, w, d_model=64, temperature=10000.0):
   return jnp.asarray(np.concatenate([y, x], axis=-1))
 
 
-def _linear(features, fan_in, name, zero_bias=False):
+def _linear(features, fan_in, name, dtype, zero_bias=False):
   """torch.nn.Linear: xavier-uniform weight (spec 4.8), U(+-1/sqrt(fan_in)) or zero bias."""
-  return nn.Dense(features, kernel_init=layers.xavier_uniform,
+  return nn.Dense(features, dtype=dtype, kernel_init=layers.xavier_uniform,
                   bias_init=nn.initializers.zeros if zero_bias else layers.torch_bias_init(fan_in),
                   name=name)
 
@@ -44,21 +46,23 @@ class SelfAttention(nn.Module):
   """
   num_heads: int
   dropout: float
+  dtype: Any = jnp.float32  # of the matmuls; the softmax is float32
 
   @nn.compact
   def __call__(self, x, pos, train: bool):
     b, length, d = x.shape
     head = d // self.num_heads
-    kernel = self.param('in_proj_kernel', layers.xavier_uniform, (d, 3 * d))
-    bias = self.param('in_proj_bias', nn.initializers.zeros, (3 * d,))
+    kernel = self.param('in_proj_kernel', layers.xavier_uniform, (d, 3 * d)).astype(self.dtype)
+    bias = self.param('in_proj_bias', nn.initializers.zeros, (3 * d,)).astype(self.dtype)
     qk = (x + pos) @ kernel[:, :2 * d] + bias[:2 * d]
     v = x @ kernel[:, 2 * d:] + bias[2 * d:]
     split = lambda t: t.reshape(b, length, self.num_heads, head)  # (B, L, heads, head)
     q, k = split(qk[..., :d]), split(qk[..., d:])
     scores = jnp.einsum('bqhc,bkhc->bhqk', q * head ** -0.5, k)
-    probs = nn.Dropout(self.dropout)(nn.softmax(scores, axis=-1), deterministic=not train)
+    probs = nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+    probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
     out = jnp.einsum('bhqk,bkhc->bqhc', probs, split(v)).reshape(b, length, d)
-    return _linear(d, d, 'out_proj', zero_bias=True)(out)
+    return _linear(d, d, 'out_proj', self.dtype, zero_bias=True)(out)
 
 
 class EncoderLayer(nn.Module):
@@ -66,16 +70,17 @@ class EncoderLayer(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 256
   dropout: float = 0.1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, pos, train: bool):
     d = x.shape[-1]
     drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=not train)
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
-    x = norm('norm1')(x + drop(SelfAttention(self.num_heads, self.dropout, name='self_attn')(
-        x, pos, train)))
-    h = drop(nn.relu(_linear(self.ffn_dim, d, 'linear1')(x)))
-    return norm('norm2')(x + drop(_linear(d, self.ffn_dim, 'linear2')(h)))
+    x = norm('norm1')(x + drop(SelfAttention(self.num_heads, self.dropout, self.dtype,
+                                             name='self_attn')(x, pos, train)))
+    h = drop(nn.relu(_linear(self.ffn_dim, d, 'linear1', self.dtype)(x)))
+    return norm('norm2')(x + drop(_linear(d, self.ffn_dim, 'linear2', self.dtype)(h)))
 
 
 class Encoder(nn.Module):
@@ -87,12 +92,14 @@ class Encoder(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 256
   dropout: float = 0.1
+  dtype: Any = jnp.float32  # of the matmuls; the output is float32
 
   @nn.compact
   def __call__(self, x, pos, train: bool = False):
     b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d)
-    pos = pos.reshape(1, h * w, d).astype(x.dtype)
+    x = x.reshape(b, h * w, d).astype(self.dtype)
+    pos = pos.reshape(1, h * w, d).astype(self.dtype)
     for i in range(self.num_layers):
-      x = EncoderLayer(self.num_heads, self.ffn_dim, self.dropout, name=f'layers_{i}')(x, pos, train)
-    return x.reshape(b, h, w, d)
+      x = layers.block_output(EncoderLayer(self.num_heads, self.ffn_dim, self.dropout, self.dtype,
+                                           name=f'layers_{i}')(x, pos, train))
+    return x.reshape(b, h, w, d).astype(jnp.float32)

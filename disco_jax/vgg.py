@@ -18,6 +18,7 @@ import argparse
 from collections.abc import Mapping
 import os
 import sys
+from typing import Any
 
 import flax.linen as nn
 import h5py
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disco_jax import msgpack_io
+from disco_jax import layers, msgpack_io
 
 LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)  # c_l for relu1_1 ... relu5_1
 
@@ -54,6 +55,7 @@ class VGG19Features(nn.Module):
   Returns (relu1_1, relu2_1, relu3_1, relu4_1, relu5_1), shapes `(B, H / 2**k, W / 2**k, C_k)` with
   C = 64, 128, 256, 512, 512 (pools floor odd sizes, as torch's MaxPool2d(2, 2) does).
   """
+  dtype: Any = jnp.float32  # of the convolutions
 
   @nn.compact
   def __call__(self, x):
@@ -62,9 +64,11 @@ class VGG19Features(nn.Module):
       if b > 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for i in range(1, n + 1):
-        x = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f'conv{b}_{i}')(x))
+        x = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                            name=f'conv{b}_{i}')(x))
         if i == 1:
           features.append(x)
+      x = layers.block_output(x)
     return tuple(features)
 
 
@@ -86,21 +90,27 @@ def _check_mode(mode, where):
     raise ValueError(f'{where}: unknown VGG19 preprocessing mode {mode!r}; expected one of {MODES}')
 
 
-def perceptual_loss(params, mode, rgb_pred, rgb_gt):
+def perceptual_loss(params, mode, rgb_pred, rgb_gt, dtype=jnp.float32, remat=False):
   """L_vgg between RGB batches `(B, H, W, 3)`; a float32 scalar. `mode` is static under jit.
+
+  The convolutions run in `dtype` (bfloat16 for mixed precision), the distances in float32;
+  `remat` keeps only block outputs of the prediction's forward for the backward pass.
 
   Only the prediction gets a gradient: the ground-truth features are detached. This is DISCO's
   behaviour before 2024; the official repository at HEAD detaches the prediction's features instead
   (commit 3c48626), which leaves the RefineNet with no gradient at all, so we do not follow it.
   """
-  batch = rgb_pred.shape[0]
-  # One forward over pred and gt together: one batch of 2B, the network's weights read once.
-  x = jnp.concatenate([preprocess(rgb_pred, mode), preprocess(rgb_gt, mode)])  # (2B, H, W, 3)
   # The VGG is frozen: no gradient reaches its weights even if a caller differentiates them.
-  features = VGG19Features().apply({'params': jax.lax.stop_gradient(params)}, x)
+  vgg19 = layers.rematerialised(VGG19Features, remat)(dtype)
+  net = lambda x: vgg19.apply({'params': jax.lax.stop_gradient(params)}, x)
+  # Two forwards, not one over the concatenated batch: through a concatenation the backward pass
+  # would run the whole VGG over the ground-truth half too, only to produce zeros.
+  pred = net(preprocess(rgb_pred, mode))
+  truth = net(jax.lax.stop_gradient(preprocess(rgb_gt, mode)))
   loss = jnp.zeros((), jnp.float32)
-  for weight, f in zip(LAYER_WEIGHTS, features):
-    loss += weight * jnp.mean(jnp.abs(f[:batch] - jax.lax.stop_gradient(f[batch:])))
+  for weight, fp, ft in zip(LAYER_WEIGHTS, pred, truth):
+    loss += weight * jnp.mean(jnp.abs(fp.astype(jnp.float32)
+                                      - jax.lax.stop_gradient(ft).astype(jnp.float32)))
   return loss
 
 

@@ -186,3 +186,15 @@ def test_param_overview_lists_modules_and_total():
   assert lines[2].split() == ['head', '10,016', '23.8%']
   assert lines[3].split() == ['total', '42,048', '100.0%']
   assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_compiled_stats_count_a_matmul():
+  from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+  n = 64
+  a = jnp.ones((n, n), jnp.float32)
+  compiled = jax.jit(lambda a, b: a @ b).lower(a, a).compile()
+  stats = compiled_stats.compiled_stats(compiled)
+  assert stats['flops'] == 2 * n ** 3
+  assert stats['argument_bytes'] == 2 * n * n * 4 and stats['output_bytes'] == n * n * 4
+  assert stats['peak_bytes'] >= stats['argument_bytes'] + stats['output_bytes']
+  assert 'GFLOP' in compiled_stats.describe(stats)

@@ -104,6 +104,7 @@ def test_stage2_two_steps_then_resume_on_another_device_count(stage1, stage2):
   out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'resuming from the checkpoint at step 2' in out.stderr
+  assert 'train step compiled (per device):' in out.stderr and 'GFLOP' in out.stderr
   assert 'over 1 devices' in out.stderr and 'step 3/3' in out.stderr
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [l['step'] for l in lines if 'loss' in l] == [1, 2, 3]

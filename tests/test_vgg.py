@@ -10,6 +10,7 @@ import sys
 import flax.serialization
 import h5py
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -255,12 +256,24 @@ def test_perceptual_loss_weights_each_layer(params):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_perceptual_loss_runs_the_network_once(params):
-  x = random_images(8)
-  jaxpr = jax.make_jaxpr(vgg.perceptual_loss, static_argnums=1)(params, 'torch', x, x)
-  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
-  assert len(convs) == 13  # one pass of the 13 convs over pred and gt together
-  assert convs[0].invars[0].aval.shape[0] == 2 * x.shape[0]
+def test_perceptual_loss_backward_skips_the_ground_truth(params):
+  """The gradient runs VGG19's backward over the prediction only: 13 forward convolutions each
+  for prediction and truth, and the backward's convolutions over a batch of B, never 2B."""
+  x = random_images(2)
+  grad = jax.make_jaxpr(jax.grad(vgg.perceptual_loss, argnums=2), static_argnums=1)(
+      params, 'torch', x, x)
+
+  def convs(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == 'conv_general_dilated':
+        yield e
+      for sub in jax_core.jaxprs_in_params(e.params):
+        yield from convs(sub)
+
+  found = list(convs(grad.jaxpr))
+  assert all(e.invars[0].aval.shape[0] == x.shape[0] for e in found)
+  # 26 forward convolutions; the backward of conv1_1 (input gradient) to conv5_1: 13 more.
+  assert len(found) == 26 + 13
 
 
 def test_cli_converts_a_keras_file(tmp_path, state_dict, params):

@@ -1,0 +1,30 @@
+"""What XLA says about a compiled function: its FLOPs and its memory (trainer log, benchmarks)."""
+
+
+def compiled_stats(compiled) -> dict:
+  """FLOPs, bytes accessed and buffer sizes of a `jax.stages.Compiled` (per device, as XLA counts).
+
+  Keys: flops, bytes_accessed, argument_bytes, output_bytes, alias_bytes (outputs written over
+  donated arguments), temp_bytes (intermediates), peak_bytes (arguments + outputs - aliases +
+  temporaries: the live set XLA planned). A backend that reports nothing gives zeros.
+  """
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  stats = {'flops': float(cost.get('flops', 0.0)),
+           'bytes_accessed': float(cost.get('bytes accessed', 0.0))}
+  memory = compiled.memory_analysis()
+  for key in ('argument', 'output', 'alias', 'temp'):
+    stats[f'{key}_bytes'] = int(getattr(memory, f'{key}_size_in_bytes', 0)) if memory else 0
+  stats['peak_bytes'] = (stats['argument_bytes'] + stats['output_bytes'] - stats['alias_bytes']
+                         + stats['temp_bytes'])
+  return stats
+
+
+def describe(stats: dict) -> str:
+  """One line for a log: 'GFLOP 255.1, accessed 12.3 GB; memory arguments 0.2 GB, ...'."""
+  gb = lambda n: f'{n / 1e9:.2f} GB'
+  return (f"{stats['flops'] / 1e9:.1f} GFLOP, {gb(stats['bytes_accessed'])} accessed; memory: "
+          f"arguments {gb(stats['argument_bytes'])}, outputs {gb(stats['output_bytes'])} "
+          f"({gb(stats['alias_bytes'])} donated), temporaries {gb(stats['temp_bytes'])}, "
+          f"planned peak {gb(stats['peak_bytes'])}")
