@@ -146,7 +146,10 @@ class BatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.eps)
-    return (x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype))
+    if x.dtype != jnp.float32:
+      # x * mul - mean * mul cancels badly in bf16 when |mean| >> std: normalise in float32.
+      return ((x.astype(jnp.float32) - mean) * mul + bias).astype(x.dtype)
+    return x * mul + (bias - mean * mul)
 
 
 # Name of the activations kept when the training step rematerialises (`config.model.remat`).
