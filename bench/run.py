@@ -55,7 +55,9 @@ def _timed(fn, runs):
   """fn() after one warm-up call: median, min and max seconds over `runs` calls, and the peak RSS
   while they ran (warm-up included; compilation and set-up excluded)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
   setup_rss_gb = _peak_rss_gb()
+  compiled_stats.release_freed_memory()  # as the trainer does after compiling
   _reset_peak_rss()
   fn()
   times = []

@@ -255,6 +255,7 @@ def train_and_evaluate(config, workdir: str):
         if is_main:
           logging.info('train step compiled (per device): %s',
                        compiled_stats.describe(compiled_stats.compiled_stats(compiled_step)))
+        compiled_stats.release_freed_memory()
       state, m = compiled_step(state, batch)
       pending.items.append((step, m))
       done = step + 1
