@@ -95,7 +95,9 @@ def _quiet_abandoned_reads():
   the abandoned read coroutines are collected with the read error inside. Python prints each as a
   traceback through sys.unraisablehook, dozens of them, at any later moment (often at exit), after
   the one warning that matters: a fallback that worked, or a clean error, would read like a crash.
-  Only these two kinds are dropped; any other unraisable exception goes to the previous hook.
+  asyncio logs the abandoned tasks' and futures' errors the same way, and those records are dropped
+  too (the filter is installed only once a restore has failed). Any other unraisable exception goes
+  to the previous hook, any other log record through.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'quiets_abandoned_reads', False):
@@ -112,6 +114,13 @@ def _quiet_abandoned_reads():
 
   hook.quiets_abandoned_reads = True
   sys.unraisablehook = hook
+
+  def not_abandoned(record):
+    # asyncio logs the same leftovers, with tracebacks, once the failed restore drops them.
+    return not str(record.msg).startswith(('Task exception was never retrieved',
+                                           'Future exception was never retrieved'))
+
+  logging.getLogger('asyncio').addFilter(not_abandoned)
 
 
 def _path_str(path) -> str:
