@@ -27,9 +27,10 @@ class SpixTask:
   frozen = ()
 
   def __init__(self, config):
-    self.model = SPixNet(config.model.spix_width, jnp.dtype(config.model.dtype))
+    # .get: runs saved before these switches existed have neither field in their config.json.
+    self.model = SPixNet(config.model.spix_width, jnp.dtype(config.model.get('dtype', 'float32')))
     self.loss_config = config.loss
-    self.remat = config.model.remat
+    self.remat = config.model.get('remat', False)
 
   def init_variables(self, seed):
     gray = jnp.zeros((1, superpixel.STRIDE, superpixel.STRIDE, 1))
