@@ -88,16 +88,19 @@ def _reason(error) -> str:
 
 
 def _quiet_abandoned_reads():
-  """Drops, for the rest of the process, the leftovers of restores that failed part-way.
+  """Drops, for the rest of the process, the leftovers of restores that fail part-way.
 
   When one array of a step cannot be read, Orbax stops waiting and closes its event loop while
   TensorStore completes the step's other reads: their callbacks raise 'Event loop is closed', and
   the abandoned read coroutines are collected with the read error inside. Python prints each as a
   traceback through sys.unraisablehook, dozens of them, at any later moment (often at exit), after
   the one warning that matters: a fallback that worked, or a clean error, would read like a crash.
-  asyncio logs the abandoned tasks' and futures' errors the same way, and those records are dropped
-  too (the filter is installed only once a restore has failed). Any other unraisable exception goes
-  to the previous hook, any other log record through.
+  asyncio logs the abandoned tasks' and futures' errors too; those records are dropped when the
+  error was raised in Orbax's code. Any other unraisable exception goes to the previous hook, any
+  other log record through.
+
+  Called before every restore, not once one has failed: the callbacks run on TensorStore's threads
+  and can print while the read error is still on its way up to the caller.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'quiets_abandoned_reads', False):
@@ -115,10 +118,20 @@ def _quiet_abandoned_reads():
   hook.quiets_abandoned_reads = True
   sys.unraisablehook = hook
 
+  def raised_in_orbax(exc):
+    while exc is not None:
+      tb = exc.__traceback__
+      while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(orbax_dir):
+          return True
+        tb = tb.tb_next
+      exc = exc.__cause__ or exc.__context__
+    return False
+
   def not_abandoned(record):
-    # asyncio logs the same leftovers, with tracebacks, once the failed restore drops them.
-    return not str(record.msg).startswith(('Task exception was never retrieved',
-                                           'Future exception was never retrieved'))
+    # '<class name> exception was never retrieved': Task, Future, _GatheringFuture...
+    abandoned = str(record.msg).split('\n', 1)[0].endswith(' exception was never retrieved')
+    return not (abandoned and record.exc_info and raised_in_orbax(record.exc_info[1]))
 
   logging.getLogger('asyncio').addFilter(not_abandoned)
 
@@ -310,6 +323,7 @@ class Checkpointer:
   def _read(self, step, abstract):
     """(state, extra) of one step; DamagedCheckpointError if its files are unreadable."""
     where = f'checkpoint step {step} in {self.directory}'
+    _quiet_abandoned_reads()
     # Orbax and TensorStore raise many types for unreadable files (ValueError, JSONDecodeError,
     # KeyError, plain Exception), so any error while reading counts as damage.
     try:
@@ -333,7 +347,6 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
     except Exception as e:  # pylint: disable=broad-except
-      _quiet_abandoned_reads()
       raise DamagedCheckpointError(
           f'{where} is damaged: its files cannot be read ({_reason(e)})') from e
     return restored[_STATE], restored[_META]

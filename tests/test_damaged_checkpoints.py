@@ -12,8 +12,10 @@ checkpoints at steps 2..8 of a train state with the model's exact tree and shape
 values, saved by the trainer's Checkpointer. The children share a compilation cache with the other
 subprocess tests of the session.
 """
+import asyncio
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -236,3 +238,36 @@ def test_leftovers_of_abandoned_reads_are_dropped_and_nothing_else(monkeypatch):
   hook(other)
   orbax_coroutine.close()
   assert seen == [other]
+
+
+def test_asyncio_records_of_abandoned_orbax_reads_are_dropped_and_nothing_else(monkeypatch):
+  """asyncio's 'never retrieved' records are dropped when the error was raised in Orbax's code;
+  the same record with an error of other code, and other asyncio records, pass."""
+  monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: None)
+  asyncio_logger = logging.getLogger('asyncio')
+  monkeypatch.setattr(asyncio_logger, 'filters', [])
+  ckpt_lib._quiet_abandoned_reads()  # pylint: disable=protected-access
+
+  def record(msg, exc):
+    return logging.LogRecord('asyncio', logging.ERROR, __file__, 0, msg, None,
+                             (type(exc), exc, exc.__traceback__) if exc else None)
+
+  def raised(coroutine):
+    try:
+      asyncio.run(coroutine)
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+    raise AssertionError('the coroutine did not raise')
+
+  async def ours():
+    raise ValueError('not a read')
+
+  in_orbax = raised(ocp_asyncio.cancellable(ours()))  # the error passes through Orbax's frames
+  in_ours = raised(ours())
+  message = 'Task exception was never retrieved\nfuture: <Task finished>'
+  assert not asyncio_logger.filter(record(message, in_orbax))
+  for name in 'Future', '_GatheringFuture':
+    assert not asyncio_logger.filter(record(message.replace('Task', name, 1), in_orbax))
+  assert asyncio_logger.filter(record(message, in_ours))
+  assert asyncio_logger.filter(record('Executing <Task> took 2.1 seconds', in_orbax))
+  assert asyncio_logger.filter(record(message, None))
