@@ -7,6 +7,7 @@
 - `ConvTranspose`: PyTorch's ConvTranspose2d(k=4, s=2, p=1).
 - `BatchNorm`: PyTorch's BatchNorm2d (momentum 0.1, unbiased running variance).
 """
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -31,8 +32,53 @@ def torch_bias_init(fan_in: int) -> Callable:
 
 def conv2d(x, kernel, stride=1):
   """3x3 convolution, padding 1 on every side. x `(B, H, W, Ci)`, kernel `(3, 3, Ci, Co)`."""
-  return jax.lax.conv_general_dilated(
-      x, kernel.astype(x.dtype), (stride, stride), ((1, 1), (1, 1)), dimension_numbers=_DN)
+  return _conv3x3(x, kernel.astype(x.dtype), stride)
+
+
+def _plain_conv3x3(x, kernel, stride, rows=(1, 1)):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), (rows, (1, 1)),
+                                      dimension_numbers=_DN)
+
+
+# XLA:CPU computes a convolution's kernel gradient at 50-90 GFLOP/s, mostly on one thread, when
+# the image is large (256x256, 64 -> 64 channels: ~220 ms at batch 2, against ~56 ms for the
+# forward), and 2-3x faster as a sum over bands of about this many output positions per image
+# (bench/NOTES.md). Smaller images keep the single convolution, which is as fast there.
+_BAND_POSITIONS = 4096
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3(x, kernel, stride):
+  return _plain_conv3x3(x, kernel, stride)
+
+
+def _conv3x3_fwd(x, kernel, stride):
+  return _plain_conv3x3(x, kernel, stride), (x, kernel)
+
+
+def _conv3x3_bwd(stride, residuals, dy):
+  """The input gradient as XLA forms it; the kernel gradient summed over bands of output rows.
+
+  The same sums in another order, and shorter ones: closer to the exact value than XLA's single
+  reduction (bench/NOTES.md).
+  """
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _plain_conv3x3(x, kernel, stride), x)[1](dy)[0]
+  _, ho, wo, _ = dy.shape
+  rows = max(1, _BAND_POSITIONS // wo)
+  if ho * wo < 4 * _BAND_POSITIONS or rows >= ho:
+    return dx, jax.vjp(lambda k: _plain_conv3x3(x, k, stride), kernel)[1](dy)[0]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # rows only: columns pad in the conv
+  dkernel = jnp.zeros(kernel.shape, jnp.float32)  # bfloat16 kernels too: 16+ bands to add
+  for r0 in range(0, ho, rows):
+    r1 = min(ho, r0 + rows)
+    band = padded[:, r0 * stride:(r1 - 1) * stride + 3]  # the input rows output rows r0..r1 see
+    dkernel += jax.vjp(lambda k, band=band: _plain_conv3x3(band, k, stride, rows=(0, 0)),
+                       kernel)[1](dy[:, r0:r1])[0].astype(jnp.float32)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 class Conv(nn.Module):
