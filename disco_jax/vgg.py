@@ -62,7 +62,7 @@ class VGG19Features(nn.Module):
     features = []
     for b, (channels, n) in enumerate(_BLOCKS, 1):
       if b > 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = layers.max_pool_2x2(x)
       for i in range(1, n + 1):
         x = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                             name=f'conv{b}_{i}')(x))

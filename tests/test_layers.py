@@ -1,3 +1,4 @@
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,22 @@ def test_conv_kernel_gradient_is_the_exact_sum(shape, stride):
   plain = lambda x: jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_array_equal(dx, jax.vjp(plain, x)[1](dy)[0])
+
+
+@pytest.mark.parametrize('shape', [(2, 16, 12, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_is_flax_max_pool_with_its_gradient(shape):
+  """Bit-identical values and gradients, odd sizes floored, ties included: post-ReLU zeros make
+  whole windows tie, and the gradient then goes to the window's first element (torch's rule)."""
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)
+  x[0, 0, :2, 0] = x[0, 1, 0, 0] = 1.5  # a positive tie in the first window
+  flax_pool = lambda x: flax.linen.max_pool(x, (2, 2), strides=(2, 2))
+  y, vjp = jax.vjp(layers.max_pool_2x2, x)
+  want_y, want_vjp = jax.vjp(flax_pool, x)
+  dy = rng.normal(size=y.shape).astype(np.float32)
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_array_equal(vjp(dy)[0], want_vjp(dy)[0])
+  assert vjp(dy)[0][0, 0, 0, 0] == dy[0, 0, 0, 0] and vjp(dy)[0][0, 0, 1, 0] == 0
 
 
 def test_batchnorm_follows_pytorch():
