@@ -23,6 +23,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+  compiled_stats.schedule_for_memory()
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

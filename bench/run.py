@@ -197,6 +197,9 @@ def run_case(name, runs, dtype, remat):
     result = bench_pipeline(runs)
   else:
     _, size, batch = name.split('_')
+    if kind == 'train':
+      from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+      compiled_stats.schedule_for_memory()  # as train.py does, before jax computes anything
     fn = bench_infer if kind == 'infer' else bench_train
     result = fn(runs, int(size), int(batch[1:]), dtype=dtype, remat=remat)
   import jax  # pylint: disable=g-import-not-at-top

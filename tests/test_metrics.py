@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import os
 import time
 
 import jax
@@ -198,3 +199,18 @@ def test_compiled_stats_count_a_matmul():
   assert stats['argument_bytes'] == 2 * n * n * 4 and stats['output_bytes'] == n * n * 4
   assert stats['peak_bytes'] >= stats['argument_bytes'] + stats['output_bytes']
   assert 'GFLOP' in compiled_stats.describe(stats)
+
+
+def test_schedule_for_memory_adds_its_flag_once_and_keeps_the_users(monkeypatch):
+  from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+  flag = '--xla_cpu_enable_concurrency_optimized_scheduler'
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  compiled_stats.schedule_for_memory()
+  assert os.environ['XLA_FLAGS'] == f'{flag}=false'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+  compiled_stats.schedule_for_memory()
+  compiled_stats.schedule_for_memory()
+  assert os.environ['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=4 {flag}=false'
+  monkeypatch.setenv('XLA_FLAGS', f'{flag}=true')  # the user's choice wins
+  compiled_stats.schedule_for_memory()
+  assert os.environ['XLA_FLAGS'] == f'{flag}=true'
