@@ -38,7 +38,7 @@ def test_stride2_conv_pads_one_on_every_side():
 def test_conv_kernel_gradient_is_the_exact_sum(shape, stride):
   """The kernel gradient of `conv2d`, summed over bands of output rows on large images (the first
   two shapes band, with a short last band; the third does not), against the sum written out in
-  float64: rtol 1e-5 of the largest entry, float32 rounding over ~35000 products. The input
+  float64, within 1e-5 of the largest entry (float32 rounding over ~35000 products). The input
   gradient is XLA's own and must be unchanged."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=shape).astype(np.float32)
