@@ -64,18 +64,21 @@ def _conv3x3_bwd(stride, residuals, dy):
   reduction (bench/NOTES.md).
   """
   x, kernel = residuals
+
+  def kernel_grad(x, dy, rows):
+    return jax.vjp(lambda k: _plain_conv3x3(x, k, stride, rows), kernel)[1](dy)[0]
+
   dx = jax.vjp(lambda x: _plain_conv3x3(x, kernel, stride), x)[1](dy)[0]
   _, ho, wo, _ = dy.shape
   rows = max(1, _BAND_POSITIONS // wo)
   if ho * wo < 4 * _BAND_POSITIONS or rows >= ho:
-    return dx, jax.vjp(lambda k: _plain_conv3x3(x, k, stride), kernel)[1](dy)[0]
+    return dx, kernel_grad(x, dy, (1, 1))
   padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # rows only: columns pad in the conv
   dkernel = jnp.zeros(kernel.shape, jnp.float32)  # bfloat16 kernels too: 16+ bands to add
   for r0 in range(0, ho, rows):
     r1 = min(ho, r0 + rows)
     band = padded[:, r0 * stride:(r1 - 1) * stride + 3]  # the input rows output rows r0..r1 see
-    dkernel += jax.vjp(lambda k, band=band: _plain_conv3x3(band, k, stride, rows=(0, 0)),
-                       kernel)[1](dy[:, r0:r1])[0].astype(jnp.float32)
+    dkernel += kernel_grad(band, dy[:, r0:r1], (0, 0)).astype(jnp.float32)
   return dx, dkernel.astype(kernel.dtype)
 
 
