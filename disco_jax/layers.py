@@ -74,11 +74,13 @@ def _conv3x3_bwd(stride, residuals, dy):
   if ho * wo < 4 * _BAND_POSITIONS or rows >= ho:
     return dx, kernel_grad(x, dy, (1, 1))
   padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # rows only: columns pad in the conv
-  dkernel = jnp.zeros(kernel.shape, jnp.float32)  # bfloat16 kernels too: 16+ bands to add
+  # At least float32 for the sum of 16+ bands, bfloat16 kernels too (and float64 stays float64).
+  total = jnp.promote_types(kernel.dtype, jnp.float32)
+  dkernel = jnp.zeros(kernel.shape, total)
   for r0 in range(0, ho, rows):
     r1 = min(ho, r0 + rows)
     band = padded[:, r0 * stride:(r1 - 1) * stride + 3]  # the input rows output rows r0..r1 see
-    dkernel += kernel_grad(band, dy[:, r0:r1], (0, 0)).astype(jnp.float32)
+    dkernel += kernel_grad(band, dy[:, r0:r1], (0, 0)).astype(total)
   return dx, dkernel.astype(kernel.dtype)
 
 
