@@ -137,7 +137,8 @@ def bench_train(runs, size, batch, dtype='float32', remat=False, **_):
   state = jax.jit(lambda: train.create_state(task, tx, 0), out_shardings=state_shard)()
   rgb = jax.random.uniform(jax.random.key(0), (batch, size, size, 3))
   data = {'gray': jnp.mean(rgb, -1, keepdims=True) * 2 - 1, 'ab': (rgb[..., :2] - 0.5) * 0.6}
-  step = jax.jit(train.make_train_step(task, tx, schedule, 0),
+  # The step train.py runs, divergence check included.
+  step = jax.jit(train.make_train_step(task, tx, schedule, 0, config.optim.max_update_ratio),
                  in_shardings=(state_shard, batch_shard), donate_argnums=(0,))
   compiled, stats = _compile(step, state, data)
   holder = [state]
