@@ -27,7 +27,7 @@ class Backbone(nn.Module):
   def __call__(self, gray, train: bool = False):
     w = self.width
     bn = lambda x, name: layers.BatchNorm(name=name)(x, train)
-    lrelu = lambda x: nn.leaky_relu(x, _SLOPE)
+    lrelu = lambda x: layers.leaky_relu(x, _SLOPE)
 
     def sn_block(x, name, features, num_convs, first_stride):
       # SN convs at sequential indices 0, 2, 4 (LeakyReLU between), BatchNorm last.
@@ -46,14 +46,14 @@ class Backbone(nn.Module):
 
     x = layers.Conv(4 * w, name='conv8up_1')(layers.upsample2x(x))
     x = x + layers.Conv(4 * w, name='conv3short8_0')(c3)
-    x = layers.Conv(4 * w, name='conv8_3_1')(nn.relu(x))
-    x = layers.Conv(4 * w, name='conv8_3_3')(nn.relu(x))
-    x = layers.block_output(bn(nn.relu(x), 'conv8_3_5'))
+    x = layers.Conv(4 * w, name='conv8_3_1')(layers.relu(x))
+    x = layers.Conv(4 * w, name='conv8_3_3')(layers.relu(x))
+    x = layers.block_output(bn(layers.relu(x), 'conv8_3_5'))
 
     x = layers.Conv(2 * w, name='conv9up_1')(layers.upsample2x(x))
     # No activation between conv9up's conv and conv9_2's: as in the official code.
-    x = layers.block_output(bn(nn.relu(layers.Conv(2 * w, name='conv9_2_0')(x)), 'conv9_2_2'))
+    x = layers.block_output(bn(layers.relu(layers.Conv(2 * w, name='conv9_2_0')(x)), 'conv9_2_2'))
 
     x = layers.Conv(w, name='conv10up_1')(layers.upsample2x(x))
-    x = layers.Conv(self.out_features, name='conv10_2_1')(nn.relu(x))
-    return nn.relu(x)
+    x = layers.Conv(self.out_features, name='conv10_2_1')(layers.relu(x))
+    return layers.relu(x)

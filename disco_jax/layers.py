@@ -7,6 +7,7 @@
 - `ConvTranspose`: PyTorch's ConvTranspose2d(k=4, s=2, p=1).
 - `BatchNorm`: PyTorch's BatchNorm2d (momentum 0.1, unbiased running variance).
 - `max_pool_2x2`: PyTorch's MaxPool2d(2, 2), gradient to the first maximum.
+- `relu`, `leaky_relu`: flax's, with the gradient taken from the output to save memory.
 """
 import functools
 from typing import Callable
@@ -32,7 +33,14 @@ def torch_bias_init(fan_in: int) -> Callable:
 
 
 def conv2d(x, kernel, stride=1):
-  """3x3 convolution, padding 1 on every side. x `(B, H, W, Ci)`, kernel `(3, 3, Ci, Co)`."""
+  """3x3 convolution, padding 1 on every side. x `(B, H, W, Ci)`, kernel `(3, 3, Ci, Co)`.
+
+  `x` may also be a tuple of arrays whose channels add up to Ci: the convolution of their channel
+  concatenation, which the backward pass then rebuilds from the parts instead of keeping it (the
+  parts are usually kept anyway, as inputs of other convolutions).
+  """
+  if isinstance(x, tuple):
+    return _conv3x3_parts(x, kernel.astype(x[0].dtype), stride)
   return _conv3x3(x, kernel.astype(x.dtype), stride)
 
 
@@ -72,7 +80,12 @@ def _conv3x3_bwd(stride, residuals, dy):
   _, ho, wo, _ = dy.shape
   rows = max(1, _BAND_POSITIONS // wo)
   if ho * wo < 4 * _BAND_POSITIONS or rows >= ho:
-    return dx, kernel_grad(x, dy, (1, 1))
+    dkernel = kernel_grad(x, dy, (1, 1))
+    # The rest of the backward pass waits for the kernel gradient: else XLA's scheduler runs the
+    # whole chain of input gradients first and leaves every kernel gradient, with the layer input
+    # and output gradient it reads, for the end (70 MB more at the peak of the 256x256 batch-2
+    # training step).
+    return _waiting_for(dx, dkernel), dkernel
   padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # rows only: columns pad in the conv
   # At least float32 for the sum of 16+ bands, bfloat16 kernels too (and float64 stays float64).
   total = jnp.promote_types(kernel.dtype, jnp.float32)
@@ -81,10 +94,39 @@ def _conv3x3_bwd(stride, residuals, dy):
     r1 = min(ho, r0 + rows)
     band = padded[:, r0 * stride:(r1 - 1) * stride + 3]  # the input rows output rows r0..r1 see
     dkernel += kernel_grad(band, dy[:, r0:r1], (0, 0)).astype(total)
-  return dx, dkernel.astype(kernel.dtype)
+  return _waiting_for(dx, dkernel), dkernel.astype(kernel.dtype)
+
+
+def _waiting_for(x, y):
+  """`x` + 0 * sum(`y`): the same values, computed only once `y` is (where `y` is not finite, the
+  step's gradients are not either way). XLA does not fold 0 * y for floats; the scheduling barrier
+  `lax.optimization_barrier` is removed before XLA:CPU schedules."""
+  return x + jnp.zeros((), x.dtype) * jnp.sum(y).astype(x.dtype)
 
 
 _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3_parts(parts, kernel, stride):
+  return _plain_conv3x3(jnp.concatenate(parts, -1), kernel, stride)
+
+
+def _conv3x3_parts_fwd(parts, kernel, stride):
+  return _conv3x3_parts(parts, kernel, stride), (parts, kernel)
+
+
+def _conv3x3_parts_bwd(stride, residuals, dy):
+  parts, kernel = residuals
+  # Rebuilt once dy is there: else XLA merges it with the forward pass's concatenation, which then
+  # stays alive until here (70 MB at the peak of the 256x256 batch-2 training step).
+  x = jnp.concatenate((_waiting_for(parts[0], dy),) + parts[1:], -1)
+  dx, dkernel = _conv3x3_bwd(stride, (x, kernel), dy)
+  ends = np.cumsum([p.shape[-1] for p in parts])[:-1]
+  return tuple(jnp.split(dx, ends, axis=-1)), dkernel
+
+
+_conv3x3_parts.defvjp(_conv3x3_parts_fwd, _conv3x3_parts_bwd)
 
 
 class Conv(nn.Module):
@@ -95,8 +137,10 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    fan_in = 9 * x.shape[-1]
-    kernel = self.param('kernel', self.kernel_init, (3, 3, x.shape[-1], self.features))
+    """x `(B, H, W, Ci)`, or a tuple of arrays to concatenate along channels (see `conv2d`)."""
+    ci = sum(p.shape[-1] for p in x) if isinstance(x, tuple) else x.shape[-1]
+    fan_in = 9 * ci
+    kernel = self.param('kernel', self.kernel_init, (3, 3, ci, self.features))
     y = conv2d(x, kernel, self.stride)
     if self.use_bias:
       y = y + self.param('bias', torch_bias_init(fan_in), (self.features,)).astype(y.dtype)
@@ -276,5 +320,38 @@ def upsample2x(x):
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-def leaky_relu(slope):
-  return lambda x: nn.leaky_relu(x, slope)
+def relu(x):
+  """`nn.relu`, with the same gradient (0 at x = 0) taken from the output: see `leaky_relu`."""
+  return _rectify(x, 0.0)
+
+
+def leaky_relu(x, slope):
+  """`nn.leaky_relu(x, slope)`, slope > 0, with the same gradient (1 at x = 0) taken from the output.
+
+  Autodiff of `nn.relu`/`nn.leaky_relu` keeps the input for the backward pass: after a convolution
+  that is a second activation-sized array besides the output, which the next convolution keeps
+  anyway. Their sign is the same, so the backward pass needs only the output (0.19 GB less at the
+  peak of the 256x256 batch-2 training step; bench/NOTES.md).
+  """
+  if slope <= 0:
+    raise ValueError(f'leaky_relu: slope must be positive, got {slope}')
+  return _rectify(x, slope)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _rectify(x, slope):
+  return nn.leaky_relu(x, slope) if slope else nn.relu(x)
+
+
+def _rectify_fwd(x, slope):
+  y = _rectify(x, slope)
+  return y, y
+
+
+def _rectify_bwd(slope, y, dy):
+  if slope:  # y >= 0 exactly where x >= 0 (-0.0 included), NaN in neither
+    return (jnp.where(y >= 0, dy, slope * dy),)
+  return (jnp.where(y > 0, dy, jnp.zeros_like(dy)),)
+
+
+_rectify.defvjp(_rectify_fwd, _rectify_bwd)

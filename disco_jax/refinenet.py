@@ -12,13 +12,14 @@ from disco_jax import layers
 
 
 class _ConvBlock(nn.Module):
-  """inConv: Conv -> ReLU -> Conv -> ReLU -> BN (indices inConv.0, conv.0, conv.2)."""
+  """inConv: Conv -> ReLU -> Conv -> ReLU -> BN (indices inConv.0, conv.0, conv.2). `x` may be a
+  tuple of arrays to concatenate along channels (`layers.conv2d`)."""
   features: int
 
   @nn.compact
   def __call__(self, x, train):
-    x = nn.relu(layers.Conv(self.features, name='inConv_0')(x))
-    x = nn.relu(layers.Conv(self.features, name='conv_0')(x))
+    x = layers.relu(layers.Conv(self.features, name='inConv_0')(x))
+    x = layers.relu(layers.Conv(self.features, name='conv_0')(x))
     return layers.block_output(layers.BatchNorm(name='conv_2')(x, train))
 
 
@@ -28,8 +29,8 @@ class _DownBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    x = nn.relu(layers.Conv(self.features, 2, name='conv_0')(x))
-    x = nn.relu(layers.Conv(self.features, name='conv_2')(x))
+    x = layers.relu(layers.Conv(self.features, 2, name='conv_0')(x))
+    x = layers.relu(layers.Conv(self.features, name='conv_2')(x))
     return layers.block_output(layers.BatchNorm(name='conv_4')(x, train))
 
 
@@ -40,8 +41,8 @@ class _ResidualBlock(nn.Module):
   def __call__(self, x, train):
     c = x.shape[-1]
     r = layers.Conv(c, name='conv_0')(x)
-    r = nn.relu(layers.SNConv(c, name='conv_1')(r, update=train))
-    return layers.block_output(nn.relu(x + layers.Conv(c, name='conv_3')(r)))
+    r = layers.relu(layers.SNConv(c, name='conv_1')(r, update=train))
+    return layers.block_output(layers.relu(x + layers.Conv(c, name='conv_3')(r)))
 
 
 class _UpBlock(nn.Module):
@@ -51,9 +52,9 @@ class _UpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, skip, train):
     x = layers.upsample2x(layers.Conv(self.features, name='conv1')(x))
-    x = nn.relu(layers.Conv(self.features, name='combine')(jnp.concatenate([x, skip], -1)))
-    x = nn.relu(layers.Conv(self.features, name='conv2_0')(x))
-    x = nn.relu(layers.Conv(self.features, name='conv2_2')(x))
+    x = layers.relu(layers.Conv(self.features, name='combine')((x, skip)))
+    x = layers.relu(layers.Conv(self.features, name='conv2_0')(x))
+    x = layers.relu(layers.Conv(self.features, name='conv2_2')(x))
     return layers.block_output(layers.BatchNorm(name='conv2_4')(x, train))
 
 
@@ -66,8 +67,7 @@ class RefineNet(nn.Module):
   @nn.compact
   def __call__(self, gray, diffused, train: bool = False):
     w = self.width
-    x = jnp.concatenate([gray, diffused], -1).astype(self.dtype)
-    x0 = _ConvBlock(w, name='inConv')(x, train)
+    x0 = _ConvBlock(w, name='inConv')((gray.astype(self.dtype), diffused.astype(self.dtype)), train)
     x1 = _DownBlock(2 * w, name='down1')(x0, train)
     x = _DownBlock(4 * w, name='down2')(x1, train)
     for i in range(self.num_residual):

@@ -23,10 +23,10 @@ class SPixNet(nn.Module):
     x = layers.Conv(features, stride, use_bias=False, kernel_init=nn.initializers.he_normal(),
                     name=f'{name}_0')(x)
     x = layers.BatchNorm(name=f'{name}_1')(x, train)
-    return layers.block_output(nn.leaky_relu(x, _SLOPE))
+    return layers.block_output(layers.leaky_relu(x, _SLOPE))
 
   def _deconv(self, x, features, name):
-    return nn.leaky_relu(layers.ConvTranspose(features, name=f'{name}_0')(x), _SLOPE)
+    return layers.leaky_relu(layers.ConvTranspose(features, name=f'{name}_0')(x), _SLOPE)
 
   @nn.compact
   def __call__(self, gray, train: bool = False):

@@ -64,7 +64,7 @@ class VGG19Features(nn.Module):
       if b > 1:
         x = layers.max_pool_2x2(x)
       for i in range(1, n + 1):
-        x = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+        x = layers.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                             name=f'conv{b}_{i}')(x))
         if i == 1:
           features.append(x)

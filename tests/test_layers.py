@@ -126,3 +126,54 @@ def test_spectral_norm_eval_uses_stored_vectors_and_training_iterates():
                                                x, update=True, mutable=['spectral'])[0]))(
       variables['params'])
   assert np.all(np.isfinite(grad['kernel'])) and float(jnp.abs(grad['kernel']).sum()) > 0
+
+
+def _saved(capsys, f, *args):
+  """What the backward pass of `f` keeps, as jax prints it: one 'dtype[shape] description' a line."""
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(f, *args)
+  return capsys.readouterr().out.strip().splitlines()
+
+
+@pytest.mark.parametrize('slope', [0.0, 0.2])
+def test_relu_and_leaky_relu_are_flax_with_the_gradient_from_the_output(capsys, slope):
+  """Values and gradients bit-identical to flax's, at 0, -0, +-inf and NaN too; and the backward
+  pass of a convolution then activation keeps only the activation's output (with the convolution's
+  input), where flax's also keeps the convolution's output or a mask and a zero array of its size."""
+  x = np.array([-2.0, -0.5, -0.0, 0.0, 1e-30, 0.7, 3.0, np.nan, -np.inf, np.inf], np.float32)
+  ours = layers.relu if slope == 0 else lambda x: layers.leaky_relu(x, slope)
+  flax_act = flax.linen.relu if slope == 0 else lambda x: flax.linen.leaky_relu(x, slope)
+  y, vjp = jax.vjp(ours, x)
+  want_y, want_vjp = jax.vjp(flax_act, x)
+  dy = np.linspace(-1, 1, x.size).astype(np.float32)
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_array_equal(vjp(dy)[0], want_vjp(dy)[0])
+
+  image, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+  kept = _saved(capsys, lambda x, k: jnp.sum(ours(layers.conv2d(x, k))), image, kernel)
+  assert len(kept) == 3 and 'f32[2,8,8,3]' in kept[0] and 'f32[3,3,3,4]' in kept[1], kept
+  assert 'f32[2,8,8,4]' in kept[2] and '_rectify' in kept[2], kept
+  flax_kept = _saved(capsys, lambda x, k: jnp.sum(flax_act(layers.conv2d(x, k))), image, kernel)
+  assert len(flax_kept) > 3, flax_kept
+  with pytest.raises(ValueError, match='slope must be positive'):
+    layers.leaky_relu(x, 0.0)
+
+
+def test_conv_of_parts_is_the_conv_of_their_concatenation_without_keeping_it(capsys):
+  """A tuple input: the same values and gradients as the concatenation's, bit for bit, and the
+  backward pass keeps the parts, not a concatenated copy of them."""
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(2, 10, 12, 3)).astype(np.float32)
+  b = rng.normal(size=(2, 10, 12, 5)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 8, 4)).astype(np.float32)
+  dy = rng.normal(size=(2, 10, 12, 4)).astype(np.float32)
+  y, vjp = jax.vjp(lambda a, b, k: layers.conv2d((a, b), k), a, b, kernel)
+  want_y, want_vjp = jax.vjp(lambda a, b, k: layers.conv2d(jnp.concatenate([a, b], -1), k),
+                             a, b, kernel)
+  np.testing.assert_array_equal(y, want_y)
+  for got, want in zip(vjp(dy), want_vjp(dy)):
+    np.testing.assert_array_equal(got, want)
+  kept = _saved(capsys, lambda a, b, k: jnp.sum(layers.conv2d((2 * a, 2 * b), k)), a, b, kernel)
+  assert not any('f32[2,10,12,8]' in line for line in kept), kept
+  params = layers.Conv(4).init(jax.random.key(0), (a, b))['params']
+  assert params['kernel'].shape == (3, 3, 8, 4)
