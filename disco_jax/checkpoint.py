@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import math
+import re
 import signal
 import sys
 import threading
@@ -96,8 +97,8 @@ def _quiet_abandoned_reads():
   traceback through sys.unraisablehook, dozens of them, at any later moment (often at exit), after
   the one warning that matters: a fallback that worked, or a clean error, would read like a crash.
   asyncio logs the abandoned tasks' and futures' errors too; those records are dropped when the
-  error was raised in Orbax's code. Any other unraisable exception goes to the previous hook, any
-  other log record through.
+  error was raised in Orbax's code or set by TensorStore's C++ code. Any other unraisable exception
+  goes to the previous hook, any other log record through.
 
   Called before every restore, not once one has failed: the callbacks run on TensorStore's threads
   and can print while the read error is still on its way up to the caller.
@@ -128,10 +129,16 @@ def _quiet_abandoned_reads():
       exc = exc.__cause__ or exc.__context__
     return False
 
+  def from_tensorstore(exc):
+    # TensorStore sets its read errors on futures from C++: no Python frame at all, and an absl
+    # status code first ('FAILED_PRECONDITION: Error reading ...').
+    return exc.__traceback__ is None and re.match(r'[A-Z_]+: ', str(exc)) is not None
+
   def not_abandoned(record):
     # '<class name> exception was never retrieved': Task, Future, _GatheringFuture...
     abandoned = str(record.msg).split('\n', 1)[0].endswith(' exception was never retrieved')
-    return not (abandoned and record.exc_info and raised_in_orbax(record.exc_info[1]))
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (abandoned and exc is not None and (raised_in_orbax(exc) or from_tensorstore(exc)))
 
   logging.getLogger('asyncio').addFilter(not_abandoned)
 

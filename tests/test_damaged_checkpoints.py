@@ -241,8 +241,9 @@ def test_leftovers_of_abandoned_reads_are_dropped_and_nothing_else(monkeypatch):
 
 
 def test_asyncio_records_of_abandoned_orbax_reads_are_dropped_and_nothing_else(monkeypatch):
-  """asyncio's 'never retrieved' records are dropped when the error was raised in Orbax's code;
-  the same record with an error of other code, and other asyncio records, pass."""
+  """asyncio's 'never retrieved' records are dropped when the error was raised in Orbax's code or
+  set by TensorStore; the same record with an error of other code, and other asyncio records,
+  pass."""
   monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: None)
   asyncio_logger = logging.getLogger('asyncio')
   monkeypatch.setattr(asyncio_logger, 'filters', [])
@@ -271,3 +272,7 @@ def test_asyncio_records_of_abandoned_orbax_reads_are_dropped_and_nothing_else(m
   assert asyncio_logger.filter(record(message, in_ours))
   assert asyncio_logger.filter(record('Executing <Task> took 2.1 seconds', in_orbax))
   assert asyncio_logger.filter(record(message, None))
+  # TensorStore's read errors reach their futures from C++: no traceback, an absl status first.
+  status = ValueError('FAILED_PRECONDITION: Error reading "a/0.0" in OCDBT database: Truncated')
+  assert not asyncio_logger.filter(record(message.replace('Task', 'Future', 1), status))
+  assert asyncio_logger.filter(record(message, ValueError('no traceback, no status code')))
