@@ -188,7 +188,7 @@ def test_nonfinite_step_is_not_applied_and_named(stage1, photo_folder):
 @pytest.mark.parametrize('max_update_ratio', [0.0, 1.0])
 def test_train_step_updates_the_donated_state_in_place(stage1, photo_folder, max_update_ratio):
   """The compiled step copies no parameter or Adam moment of the donated state: such copies live
-  through the whole step (0.38 GB at 256x256 batch 2). XLA made them whenever the old state was
+  through the whole step (0.49 GB at 256x256 batch 2). XLA made them whenever the old state was
   read by something the selection of a skipped step did not depend on."""
   root, _, _ = stage1
   task, schedule, tx = _spix_setup(photo_folder, root, 1e-3)
