@@ -47,8 +47,8 @@ def schedule_for_memory():
   """Asks XLA:CPU to order each computation for a low peak of memory rather than for concurrency.
 
   Call it before jax's first computation: XLA reads XLA_FLAGS once, when it starts the CPU
-  backend. The 256x256 batch-2 training step then plans 2.07 GB of temporaries instead of 2.36 GB,
-  and its process peaks at 4.35 GB instead of 4.65 GB, in the same time within noise
+  backend. The 256x256 batch-2 training step then plans 1.35 GB of temporaries instead of 2.21 GB,
+  and its process peaks at 3.5 GB instead of 4.3 GB, in the same time within noise
   (bench/NOTES.md). Other backends ignore the flag; a value the user put in XLA_FLAGS wins.
   """
   flags = os.environ.get('XLA_FLAGS', '')

@@ -1,5 +1,6 @@
 import flax.linen
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,6 +57,33 @@ def test_conv_kernel_gradient_is_the_exact_sum(shape, stride):
   plain = lambda x: jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_array_equal(dx, jax.vjp(plain, x)[1](dy)[0])
+
+
+def _inputs_of(jaxpr, var):
+  """Every equation that `var` of the flat `jaxpr` is computed from."""
+  made_by = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+  found, todo = [], [var]
+  while todo:
+    eqn = made_by.get(todo.pop())
+    if eqn is not None and all(eqn is not e for e in found):
+      found.append(eqn)
+      todo += [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
+  return found
+
+
+@pytest.mark.parametrize('shape', [(1, 8, 8, 3), (1, 128, 128, 2)])  # single sum, banded sum
+def test_conv_input_gradient_waits_for_the_kernel_gradient(shape):
+  """In `conv2d`'s backward pass the input gradient is computed from the kernel gradient too (its
+  value unchanged), which keeps XLA from running the chain of input gradients first and leaving
+  every kernel gradient, with the arrays it reads, for the end of the step (bench/NOTES.md)."""
+  x, kernel = jnp.ones(shape), jnp.ones((3, 3, shape[-1], 4))
+  jaxpr = jax.make_jaxpr(lambda x, k, dy: jax.vjp(layers.conv2d, x, k)[1](dy))(
+      x, kernel, jnp.ones(shape[:3] + (4,))).jaxpr
+  dx = jaxpr.outvars[0]
+  convs = [e.outvars[0].aval.shape for e in _inputs_of(jaxpr, dx)
+           if e.primitive.name == 'conv_general_dilated']
+  assert shape in convs, convs
+  assert kernel.shape in convs, f'the input gradient does not wait for the kernel gradient: {convs}'
 
 
 def test_banded_kernel_gradient_with_the_batch_sharded_over_4_devices():
