@@ -6,7 +6,7 @@
 
 With --workdir: restores the latest checkpoint of DIR (or step N, or the best by validation loss)
 with the config saved there. With --variables: weights converted from an official checkpoint
-(`python -m disco_jax.convert`), the model and data of --config. Either way it colorizes the
+(`python -m disco_jax.weights.convert`), the model and data of --config. Either way it colorizes the
 evaluation split automatically and writes metrics.json (PSNR, SSIM, colorfulness and its gap to
 the ground truth, FID when --inception names the converted pytorch-fid weights), TensorBoard
 scalars and side-by-side PNGs (gray | ours | truth) to DIR/eval or --out.
@@ -25,7 +25,7 @@ _OUT = flags.DEFINE_string('out', 'eval_out', 'with --variables: where the resul
 _STEP = flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)')
 _BEST = flags.DEFINE_bool('best', False, 'the checkpoint with the lowest validation loss')
 _INCEPTION = flags.DEFINE_string('inception', None,
-                                 'InceptionV3 weights for FID (python -m disco_jax.evaluation)')
+                                 'InceptionV3 weights for FID (python -m disco_jax.weights.inception)')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'side-by-side PNGs to write')
 _MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'stop after this many batches')
 _SEED = flags.DEFINE_integer('seed', 130, 'k-means seed (130: the official inference seed)')
@@ -35,7 +35,9 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from disco_jax import checkpoint, convert, evaluator  # pylint: disable=g-import-not-at-top
+  from disco_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from disco_jax.weights import convert  # pylint: disable=g-import-not-at-top
   if bool(_WORKDIR.value) == bool(_VARIABLES.value):
     sys.exit('error: give exactly one of --workdir (a training run) or --variables (weights)')
   if _VARIABLES.value and _CONFIG.value is None:

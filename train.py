@@ -23,23 +23,23 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import compiled_stats  # pylint: disable=g-import-not-at-top
   compiled_stats.schedule_for_memory()
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from disco_jax import checkpoint, train, validate  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import checkpoint, trainer, validate  # pylint: disable=g-import-not-at-top
   logging.getLogger().setLevel(logging.INFO)
   # Orbax and TFDS log every save and read at INFO through absl's logger: keep their warnings only.
   logging.getLogger('absl').setLevel(logging.WARNING)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (validate.ConfigError, train.NonFiniteLoss, train.Diverged,
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (validate.ConfigError, trainer.NonFiniteLoss, trainer.Diverged,
           checkpoint.IncompatibleCheckpointError, checkpoint.DamagedCheckpointError) as e:
     sys.exit(f'error: {e}')
-  except train.Preempted as e:
+  except trainer.Preempted as e:
     logging.warning('%s', e)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
+    sys.exit(trainer.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

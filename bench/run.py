@@ -55,7 +55,7 @@ def _timed(fn, runs):
   """fn() after one warm-up call: median, min and max seconds over `runs` calls, and the peak RSS
   while they ran (warm-up included; compilation and set-up excluded)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import compiled_stats  # pylint: disable=g-import-not-at-top
   setup_rss_gb = _peak_rss_gb()
   compiled_stats.release_freed_memory()  # as the trainer does after compiling
   _reset_peak_rss()
@@ -71,7 +71,7 @@ def _timed(fn, runs):
 
 
 def _compile(jitted, *args):
-  from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import compiled_stats  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   return compiled, dict(compile_s=time.perf_counter() - t0,
@@ -90,16 +90,16 @@ def bench_matmul(runs, **_):
 
 
 def _model(dtype, remat):
-  from disco_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  return model_lib.DISCO(dtype=dtype, remat=remat)
+  from disco_jax.models import disco  # pylint: disable=g-import-not-at-top
+  return disco.DISCO(dtype=dtype, remat=remat)
 
 
 def bench_infer(runs, size, batch, dtype='float32', remat=False, **_):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from disco_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from disco_jax.models import disco  # pylint: disable=g-import-not-at-top
   model = _model(jnp.dtype(dtype), remat)
-  variables = model_lib.init_variables(model)
+  variables = disco.init_variables(model)
   gray = jax.random.uniform(jax.random.key(0), (batch, size, size, 1)) * 2 - 1
   ab = jnp.zeros((batch, size, size, 2))
   fwd = jax.jit(lambda v, g, a, k: model.apply(v, g, a, test_mode=True, colours='mode',
@@ -123,7 +123,8 @@ def _train_config(size, batch, dtype, remat):
 def bench_train(runs, size, batch, dtype='float32', remat=False, **_):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from disco_jax import optim, sharding, tasks, train, vgg  # pylint: disable=g-import-not-at-top
+  from disco_jax.models import vgg  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import optim, sharding, tasks, trainer  # pylint: disable=g-import-not-at-top
   config = _train_config(size, batch, dtype, remat)
   vgg_params = jax.jit(lambda: vgg.VGG19Features().init(
       jax.random.key(1), jnp.zeros((1, 32, 32, 3)))['params'])()
@@ -131,14 +132,14 @@ def bench_train(runs, size, batch, dtype='float32', remat=False, **_):
   schedule = optim.learning_rate_schedule(config.optim, 1000)
   tx = optim.make_optimizer(config.optim, schedule, frozen=task.frozen)
   mesh = sharding.make_mesh(1)
-  abstract = jax.eval_shape(lambda: train.create_state(task, tx, 0))
+  abstract = jax.eval_shape(lambda: trainer.create_state(task, tx, 0))
   state_shard = sharding.tree_shardings(mesh, abstract)
   batch_shard = sharding.batch_sharding(mesh)
-  state = jax.jit(lambda: train.create_state(task, tx, 0), out_shardings=state_shard)()
+  state = jax.jit(lambda: trainer.create_state(task, tx, 0), out_shardings=state_shard)()
   rgb = jax.random.uniform(jax.random.key(0), (batch, size, size, 3))
   data = {'gray': jnp.mean(rgb, -1, keepdims=True) * 2 - 1, 'ab': (rgb[..., :2] - 0.5) * 0.6}
   # The step train.py runs, divergence check included.
-  step = jax.jit(train.make_train_step(task, tx, schedule, 0, config.optim.max_update_ratio),
+  step = jax.jit(trainer.make_train_step(task, tx, schedule, 0, config.optim.max_update_ratio),
                  in_shardings=(state_shard, batch_shard), donate_argnums=(0,))
   compiled, stats = _compile(step, state, data)
   holder = [state]
@@ -166,7 +167,7 @@ def _write_photos(folder, count, seed=0):
 
 
 def bench_pipeline(runs, size=256, batch=2, **_):
-  from disco_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from disco_jax.data import folder as folder_lib, pipeline  # pylint: disable=g-import-not-at-top
   count = 256
   with tempfile.TemporaryDirectory() as tmp:
     folder = os.path.join(tmp, 'photos')
@@ -175,11 +176,11 @@ def bench_pipeline(runs, size=256, batch=2, **_):
     config = _train_config(size, batch, 'float32', False)
     config.input.update(dataset='folder', folder=folder, data_dir=os.path.join(tmp, 'tfds'),
                         shuffle_buffer=count)
-    input_pipeline.prepare_folder(folder, config.input.data_dir)
+    folder_lib.prepare_folder(folder, config.input.data_dir)
     batches = count // batch
 
     def one_epoch():
-      for _ in input_pipeline.local_train_dataset(config).take(batches).as_numpy_iterator():
+      for _ in pipeline.local_train_dataset(config).take(batches).as_numpy_iterator():
         pass
 
     result = _timed(one_epoch, runs)
@@ -199,7 +200,7 @@ def run_case(name, runs, dtype, remat):
   else:
     _, size, batch = name.split('_')
     if kind == 'train':
-      from disco_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+      from disco_jax.training import compiled_stats  # pylint: disable=g-import-not-at-top
       compiled_stats.schedule_for_memory()  # as train.py does, before jax computes anything
     fn = bench_infer if kind == 'infer' else bench_train
     result = fn(runs, int(size), int(batch[1:]), dtype=dtype, remat=remat)

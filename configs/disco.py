@@ -1,4 +1,4 @@
-"""Stage 2, the DISCO colorizer, with the released recipe (spec sections 0, 4 and 8.2).
+"""Stage 2, the DISCO colorizer, with the released recipe.
 
   python train.py --config configs/disco.py --workdir ckpt/disco     # the released recipe
   python train.py --config configs/disco.py:demo --workdir runs/demo  # a variant
@@ -43,7 +43,7 @@ def get_config(variant: str = ''):
   m.random_anchors = False  # True: DISCO-rand's uniformly random anchor sites
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.colorfulness = 0.5  # class rebalancing, lambda = 1 - colorfulness (spec 7.1)
+  config.loss.colorfulness = 0.5  # class rebalancing, lambda = 1 - colorfulness
   config.loss.perceptual_weight = 5.0  # weight of the VGG19 term; 0 trains without VGG19
   config.loss.vgg_weights = ''  # vgg19.msgpack (see README, "VGG19 for the perceptual loss")
   config.loss.ab_l1_weight = 0.0  # mean |ab error| on the RefineNet output; not in the official

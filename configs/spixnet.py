@@ -1,4 +1,4 @@
-"""Stage 1, the superpixel network SPixNet (spec sections 4.2, 7.3 and 8.1).
+"""Stage 1, the superpixel network SPixNet.
 
   python train.py --config configs/spixnet.py --workdir ckpt/spixnet
   python train.py --config configs/spixnet.py:demo --workdir runs/demo_spixnet

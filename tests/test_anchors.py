@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disco_jax import anchors
+from disco_jax.ops import anchors
 
 
 def np_kmeans(x, init_idx, max_iters, tol):

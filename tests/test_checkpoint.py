@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from disco_jax import checkpoint
+from disco_jax.training import checkpoint
 
 
 @flax.struct.dataclass

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from disco_jax import colorize, colour, convert
-from disco_jax import model as model_lib
+from disco_jax.inference import colorize
+from disco_jax.models import disco
+from disco_jax.ops import colour
+from disco_jax.weights import convert
 
 TINY = dict(spix_width=4, backbone_width=8, refine_width=8, d_model=16, num_layers=2, num_heads=2,
             ffn_dim=32, num_anchors=3)
@@ -21,8 +23,8 @@ L_TOL = 0.6
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-  m = model_lib.DISCO(**TINY)
-  variables = model_lib.init_variables(m, 0)
+  m = disco.DISCO(**TINY)
+  variables = disco.init_variables(m, 0)
   path = tmp_path_factory.mktemp('model') / 'tiny.msgpack'
   convert.save_variables(str(path), variables)
   return m, variables, str(path)
@@ -57,7 +59,7 @@ def test_size_and_lightness_kept_for_colour_and_grey(tiny):
 
 def test_fit_gamut_keeps_lightness():
   lab = np.array([[95.0, 100.0, 100.0], [10.0, -100.0, 90.0], [50.0, 5.0, 5.0]], np.float32)
-  fitted = colorize.fit_gamut(lab)
+  fitted = colour.fit_gamut(lab)
   np.testing.assert_allclose(fitted[:, 0], lab[:, 0])
   np.testing.assert_allclose(fitted[2], lab[2])  # in gamut: unchanged
   back = colour.rgb_to_lab(colour.lab_to_rgb(fitted))

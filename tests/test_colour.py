@@ -2,7 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disco_jax import colour
+from disco_jax.ops import colour
+from tests import lab_reference
 
 
 def test_lab_round_trip_within_1e4():
@@ -11,14 +12,24 @@ def test_lab_round_trip_within_1e4():
   np.testing.assert_allclose(back, rgb, atol=1e-4)
 
 
-def test_lab_known_values_and_jax_matches_numpy():
-  # sRGB white and primaries, D65 (textbook values; OpenCV's constants agree to ~1e-3).
-  rgb = np.array([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], np.float32)
-  want = np.array([[100, 0, 0], [53.24, 80.09, 67.20], [87.73, -86.18, 83.18],
-                   [32.30, 79.19, -107.86], [0, 0, 0]])
-  lab = colour.rgb_to_lab(rgb)
-  np.testing.assert_allclose(lab, want, atol=0.02)
-  np.testing.assert_allclose(np.asarray(colour.rgb_to_lab(jnp.asarray(rgb))), lab, atol=1e-4)
+def test_lab_gives_the_reference_values_in_numpy_and_jax():
+  rgb = lab_reference.RGB.astype(np.float32)
+  for lab in (colour.rgb_to_lab(rgb), np.asarray(colour.rgb_to_lab(jnp.asarray(rgb)))):
+    np.testing.assert_allclose(lab, lab_reference.LAB, atol=lab_reference.ATOL)
+  lab = lab_reference.LAB.astype(np.float32)
+  for back in (colour.lab_to_rgb(lab), np.asarray(colour.lab_to_rgb(jnp.asarray(lab)))):
+    np.testing.assert_allclose(back, lab_reference.RGB, atol=1e-4)
+
+
+def test_gamut_fitting_keeps_lightness_and_fits():
+  # Out-of-gamut colours: lightness kept, chroma scaled down until linear RGB is within [0, 1].
+  lab = np.array([[50.0, 120.0, -120.0], [90.0, -100.0, 100.0], [50.0, 10.0, 10.0]], np.float32)
+  fitted = colour.fit_gamut(lab)
+  np.testing.assert_array_equal(fitted[:, 0], lab[:, 0])
+  np.testing.assert_array_equal(fitted[2], lab[2])  # already in gamut: unchanged
+  lin = colour.lab_to_linear_rgb(fitted)
+  assert np.all(lin >= -colour.GAMUT_TOL) and np.all(lin <= 1 + colour.GAMUT_TOL)
+  assert np.all(np.abs(fitted[:2, 1:]) < np.abs(lab[:2, 1:]))
 
 
 def test_normalisation_round_trip():

@@ -27,8 +27,8 @@ from orbax.checkpoint._src import asyncio_utils as ocp_asyncio
 import pytest
 
 from configs import disco as disco_configs
-from disco_jax import checkpoint as ckpt_lib
-from disco_jax import tasks, train
+from disco_jax.training import checkpoint as ckpt_lib
+from disco_jax.training import optim, tasks, trainer
 from tools import kill_resume
 
 STEPS = [2, 4, 6, 8]
@@ -131,11 +131,11 @@ def stage2(stage1):
                       eval_split='train')
   config.spixnet_checkpoint = str(good1)
   task = tasks.DiscoTask(config)
-  tx = train.optim.make_optimizer(config.optim, train.optim.learning_rate_schedule(config.optim, 1),
+  tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 1),
                                   frozen=task.frozen)
-  state = _random_state(jax.eval_shape(lambda: train.create_state(task, tx, config.seed)))
+  state = _random_state(jax.eval_shape(lambda: trainer.create_state(task, tx, config.seed)))
   workdir.mkdir()
-  train._write_config(config, str(workdir))  # pylint: disable=protected-access
+  trainer.write_config(config, str(workdir))
   checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', keep=len(STEPS))
   for step in STEPS:
     checkpointer.save(step, state.replace(step=jax.numpy.asarray(step, jax.numpy.int32)))
@@ -227,9 +227,9 @@ def test_leftovers_of_abandoned_reads_are_dropped_and_nothing_else(monkeypatch):
   abandoned read coroutines reach sys.unraisablehook: dropped; anything else is passed on."""
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  ckpt_lib._quiet_abandoned_reads()  # pylint: disable=protected-access
+  ckpt_lib.quiet_abandoned_reads()  # pylint: disable=protected-access
   hook = sys.unraisablehook
-  ckpt_lib._quiet_abandoned_reads()  # pylint: disable=protected-access
+  ckpt_lib.quiet_abandoned_reads()  # pylint: disable=protected-access
   assert sys.unraisablehook is hook  # installed once, however many reads fail
   orbax_coroutine = ocp_asyncio.cancellable(None)  # any coroutine of Orbax's code
   other = types.SimpleNamespace(exc_value=RuntimeError('something else'), object=None)
@@ -247,7 +247,7 @@ def test_asyncio_records_of_abandoned_orbax_reads_are_dropped_and_nothing_else(m
   monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: None)
   asyncio_logger = logging.getLogger('asyncio')
   monkeypatch.setattr(asyncio_logger, 'filters', [])
-  ckpt_lib._quiet_abandoned_reads()  # pylint: disable=protected-access
+  ckpt_lib.quiet_abandoned_reads()  # pylint: disable=protected-access
 
   def record(msg, exc):
     return logging.LogRecord('asyncio', logging.ERROR, __file__, 0, msg, None,

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import skimage.metrics
 
-from disco_jax import evaluation
+from disco_jax.evaluation import metrics
+from disco_jax.models import inception
+from disco_jax.weights import inception as inception_weights
 
 
 def _images(seed, shape):
@@ -24,7 +26,7 @@ def _images(seed, shape):
 
 def test_psnr_matches_numpy():
   a, b = _images(0, (2, 8, 9, 3)), _images(1, (2, 8, 9, 3))
-  got = np.asarray(jax.jit(evaluation.psnr)(a, b))
+  got = np.asarray(jax.jit(metrics.psnr)(a, b))
   mse = ((a.astype(np.float64) - b) ** 2).reshape(2, -1).mean(axis=1)
   np.testing.assert_allclose(got, 10 * np.log10(1 / mse), rtol=1e-5)
   assert got.shape == (2,)
@@ -46,7 +48,7 @@ def test_ssim_matches_skimage(pair):
   else:
     a = np.stack([_structured(4, 48, 40), _structured(5, 48, 40)])
     b = np.clip(a + 0.08 * np.random.default_rng(6).normal(size=a.shape), 0, 1).astype(np.float32)
-  got = np.asarray(jax.jit(evaluation.ssim)(a, b))
+  got = np.asarray(jax.jit(metrics.ssim)(a, b))
   want = [skimage.metrics.structural_similarity(
       x, y, channel_axis=-1, data_range=1, gaussian_weights=True, sigma=1.5,
       use_sample_covariance=False) for x, y in zip(a, b)]
@@ -55,9 +57,9 @@ def test_ssim_matches_skimage(pair):
 
 def test_ssim_of_identical_images_is_one_and_too_small_raises():
   a = _images(7, (1, 16, 16, 3))
-  np.testing.assert_allclose(evaluation.ssim(a, a), [1.0], atol=1e-5)
+  np.testing.assert_allclose(metrics.ssim(a, a), [1.0], atol=1e-5)
   with pytest.raises(ValueError, match='smaller than the 11x11 window'):
-    evaluation.ssim(a[:, :10], a[:, :10])
+    metrics.ssim(a[:, :10], a[:, :10])
 
 
 def test_colorfulness_by_hand():
@@ -67,13 +69,13 @@ def test_colorfulness_by_hand():
   # std(rg) = 127.5, std(yb) = 63.75; mean(rg) = 127.5, mean(yb) = 63.75.
   sigma = np.sqrt(127.5 ** 2 + 63.75 ** 2)
   mu = np.sqrt(127.5 ** 2 + 63.75 ** 2)
-  np.testing.assert_allclose(evaluation.colorfulness(rgb), [sigma + 0.3 * mu], rtol=1e-6)
+  np.testing.assert_allclose(metrics.colorfulness(rgb), [sigma + 0.3 * mu], rtol=1e-6)
   # ... and |.| matters: (0, 255, 255) gives rg = 255 but (R + G) / 2 - B = -127.5 -> yb = 127.5.
   rgb2 = np.array([[[[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]]], np.float32)
-  np.testing.assert_allclose(jax.jit(evaluation.colorfulness)(rgb2),
+  np.testing.assert_allclose(jax.jit(metrics.colorfulness)(rgb2),
                              [1.3 * np.sqrt(127.5 ** 2 + 63.75 ** 2)], rtol=1e-6)
   # Grey images have no colour.
-  np.testing.assert_allclose(evaluation.colorfulness(np.full((1, 3, 3, 3), 0.4)), [0.0], atol=1e-4)
+  np.testing.assert_allclose(metrics.colorfulness(np.full((1, 3, 3, 3), 0.4)), [0.0], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
   mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
   a, b = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
   want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  got = evaluation.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+  got = metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
   assert isinstance(got, float)
   np.testing.assert_allclose(got, want, rtol=1e-9)
 
@@ -94,17 +96,17 @@ def test_frechet_distance_of_a_distribution_with_itself_is_zero():
   x = np.random.default_rng(9).normal(size=(200, 16)) @ np.random.default_rng(10).normal(
       size=(16, 16))
   mu, cov = x.mean(axis=0), np.cov(x, rowvar=False)
-  assert abs(evaluation.frechet_distance(mu, cov, mu, cov)) < 1e-6 * np.trace(cov)
+  assert abs(metrics.frechet_distance(mu, cov, mu, cov)) < 1e-6 * np.trace(cov)
   # A singular covariance (fewer samples than dimensions) still gives a finite answer.
   y = np.random.default_rng(11).normal(size=(5, 16))
-  assert np.isfinite(evaluation.frechet_distance(mu, cov, y.mean(0), np.cov(y, rowvar=False)))
+  assert np.isfinite(metrics.frechet_distance(mu, cov, y.mean(0), np.cov(y, rowvar=False)))
 
 
 def test_feature_stats_matches_numpy_and_ignores_masked_rows():
   rng = np.random.default_rng(12)
   batches = [rng.normal(size=(6, 8)).astype(np.float32) for _ in range(3)]
   masks = [np.ones(6, bool), np.array([1, 1, 0, 1, 0, 1], bool), None]
-  stats = evaluation.FeatureStats(dim=8)
+  stats = metrics.FeatureStats(dim=8)
   for f, m in zip(batches, masks):
     # Padded rows hold garbage; the mask must keep it out.
     stats.update(np.where(m[:, None], f, 1e6) if m is not None else f, mask=m)
@@ -116,7 +118,7 @@ def test_feature_stats_matches_numpy_and_ignores_masked_rows():
   with pytest.raises(ValueError, match=r'expected features \(n, 8\)'):
     stats.update(np.zeros((2, 7)))
   with pytest.raises(ValueError, match='at least 2'):
-    evaluation.FeatureStats(dim=8).cov()
+    metrics.FeatureStats(dim=8).cov()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ _TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'r
 
 
 def _module_shapes():
-  init = lambda: evaluation.InceptionV3().init(jax.random.key(0),
+  init = lambda: inception.InceptionV3().init(jax.random.key(0),
                                                jnp.zeros((1, 299, 299, 3), jnp.float32))
   return flax.traverse_util.flatten_dict(jax.eval_shape(init))
 
@@ -161,7 +163,7 @@ def state_dict():
 
 @pytest.fixture(scope='module')
 def variables(state_dict):
-  return evaluation.inception_params_from_state_dict(state_dict)
+  return inception_weights.inception_params_from_state_dict(state_dict)
 
 
 def test_state_dict_has_the_torchvision_names(state_dict):
@@ -199,7 +201,7 @@ def test_converter_lists_every_problem(state_dict):
   bad['AuxLogits.conv0.conv.weight'] = np.zeros((128, 768, 1, 1), np.float32)
   bad['Mixed_6a.branch3x3.bn.running_var'] = np.zeros((383,), np.float32)
   with pytest.raises(ValueError) as e:
-    evaluation.inception_params_from_state_dict(bad)
+    inception_weights.inception_params_from_state_dict(bad)
   msg = str(e.value)
   assert 'missing Mixed_5c.branch1x1.conv.weight (expected shape (64, 256, 1, 1))' in msg
   assert 'unexpected key AuxLogits.conv0.conv.weight' in msg
@@ -208,27 +210,27 @@ def test_converter_lists_every_problem(state_dict):
 
 def test_weights_file_round_trip_cli_and_missing_file(tmp_path, state_dict, variables):
   path = tmp_path / 'inception_fid.msgpack'
-  evaluation.save_inception(path, variables)
-  loaded = evaluation.load_inception(str(path))
+  inception_weights.save_inception(path, variables)
+  loaded = inception_weights.load_inception(str(path))
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
 
   # The CLI from an .npz of the state dict (no torch needed) writes the same file.
   npz = tmp_path / 'sd.npz'
   np.savez(npz, **state_dict)
   out = tmp_path / 'cli.msgpack'
-  evaluation.main(['--pytorch-fid', str(npz), '--out', str(out)])
+  inception_weights.main(['--pytorch-fid', str(npz), '--out', str(out)])
   assert out.read_bytes() == path.read_bytes()
 
   with pytest.raises(FileNotFoundError) as e:
-    evaluation.load_inception(str(tmp_path / 'nope.msgpack'))
-  assert evaluation.PYTORCH_FID_URL in str(e.value)
-  assert ('python -m disco_jax.evaluation --pytorch-fid pt_inception-2015-12-05-6726825d.pth '
+    inception_weights.load_inception(str(tmp_path / 'nope.msgpack'))
+  assert inception_weights.PYTORCH_FID_URL in str(e.value)
+  assert ('python -m disco_jax.weights.inception --pytorch-fid pt_inception-2015-12-05-6726825d.pth '
           '--out inception_fid.msgpack') in str(e.value)
 
   wrong = {'params': dict(variables['params']), 'batch_stats': variables['batch_stats']}
   del wrong['params']['Mixed_7c']
   with pytest.raises(ValueError, match='missing params/Mixed_7c/branch1x1/conv/kernel'):
-    evaluation.save_inception(tmp_path / 'bad.msgpack', wrong)
+    inception_weights.save_inception(tmp_path / 'bad.msgpack', wrong)
 
 
 def test_basic_conv2d_matches_numpy():
@@ -237,7 +239,7 @@ def test_basic_conv2d_matches_numpy():
   w = rng.normal(size=(4, 3, 1, 3)).astype(np.float32)  # torch OIHW: a 1x3 conv, padding (0, 1)
   gamma, beta = rng.uniform(0.5, 1.5, 4), rng.normal(size=4)
   mean, var = rng.normal(size=4), rng.uniform(0.5, 1.5, 4)
-  module = evaluation.BasicConv2d(4, (1, 3), padding=(0, 1))
+  module = inception.BasicConv2d(4, (1, 3), padding=(0, 1))
   got = module.apply({'params': {'conv': {'kernel': w.transpose(2, 3, 1, 0)},
                                  'bn': {'scale': gamma, 'bias': beta}},
                       'batch_stats': {'bn': {'mean': mean, 'var': var}}}, x)
@@ -257,7 +259,7 @@ def test_pools_exclude_padding_like_pytorch_fid():
     for j in range(5):
       win = x[0, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]  # real pixels only
       want[0, i, j] = win.mean(axis=(0, 1))
-  np.testing.assert_allclose(evaluation.avg_pool_3x3_exclude_pad(x), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(inception.avg_pool_3x3_exclude_pad(x), want, rtol=1e-5, atol=1e-6)
   # Corners average 4 pixels, not 9: the difference from torchvision's count_include_pad=True.
   np.testing.assert_allclose(want[0, 0, 0], x[0, :2, :2].mean(axis=(0, 1)), rtol=1e-6)
 
@@ -265,8 +267,8 @@ def test_pools_exclude_padding_like_pytorch_fid():
 def test_inception_features(variables):
   # One jit, batch 2, at a size that is neither 299 nor square, so the resize runs too.
   rgb = np.stack([_structured(16, 64, 48), _images(17, (64, 48, 3))])
-  features = np.asarray(jax.jit(evaluation.inception_features)(variables, rgb))
-  assert features.shape == (2, evaluation.FEATURE_DIM)
+  features = np.asarray(jax.jit(inception.inception_features)(variables, rgb))
+  assert features.shape == (2, inception.FEATURE_DIM)
   assert np.all(np.isfinite(features))
   assert np.all(features >= 0)  # an average of ReLU outputs
   assert np.abs(features[0] - features[1]).max() > 1e-3 * np.abs(features).max()
@@ -276,7 +278,7 @@ def test_inception_features(variables):
 def test_mixed_7c_pools_with_max_and_mixed_7b_with_average(max_pool):
   # pytorch-fid's FIDInceptionE_2 (Mixed_7c) max-pools in its pool branch; E_1 (Mixed_7b) averages.
   x = jnp.zeros((1, 4, 4, 8), jnp.float32)
-  init = lambda x: evaluation.InceptionE(max_pool=max_pool).init(jax.random.key(0), x)
+  init = lambda x: inception.InceptionE(max_pool=max_pool).init(jax.random.key(0), x)
   prims = {str(e.primitive) for e in jax.make_jaxpr(init)(x).jaxpr.eqns}
   assert ('reduce_window_max' in prims) == max_pool
   assert ('reduce_window_sum' in prims) != max_pool

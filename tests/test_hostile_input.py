@@ -2,7 +2,7 @@
 
 The corpus and what must happen to each file are the table in tools/hostile_corpus.py. One
 campaign (module fixture) runs it through `prepare_folder` plus a tf.data train epoch and eval pass,
-and through `python -m disco_jax.colorize` with a tiny random model; each test asserts one class.
+and through `python -m disco_jax.inference.colorize` with a tiny random model; each test asserts one class.
 """
 import os
 import re
@@ -13,8 +13,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from disco_jax import colorize
-from disco_jax import input_pipeline as ip
+from disco_jax.data import folder as folder_lib
+from disco_jax.inference import colorize
 from tools import hostile_corpus as hc
 
 REQUIRED = (  # the kinds of file the corpus must hold, by their names in the table
@@ -82,7 +82,7 @@ def test_campaign_no_crash_every_file_as_expected(run):
 
 def test_folder_report_names_exactly_the_bad_files_with_reasons(run):
   folder, data_dir, _, _, by_name = run
-  report = ip.prepare_folder(folder, data_dir)  # prepared by the campaign: reused here
+  report = folder_lib.prepare_folder(folder, data_dir)  # prepared by the campaign: reused here
   skipped = {os.path.relpath(p, folder): r for p, r in report.skipped}
   assert sorted(skipped) == _names(by_name, hc.BAD)
   assert report.num_images == len(_names(by_name, hc.OK))
@@ -148,9 +148,9 @@ def test_jpeg_tf_cannot_decode_is_stored_as_pixels_so_tf_data_reads_it(run):
   # The case still tests something: TF refuses the bytes that PIL reads.
   with pytest.raises(tf.errors.InvalidArgumentError):
     tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  stored = ip._stored_image(odd)  # pylint: disable=protected-access
+  stored = folder_lib.stored_image(odd)
   assert isinstance(stored, np.ndarray) and stored.shape == (64, 96, 3)
-  plain = ip._stored_image(os.path.join(folder, 'exif1.jpg'))  # pylint: disable=protected-access
+  plain = folder_lib.stored_image(os.path.join(folder, 'exif1.jpg'))
   assert isinstance(plain, bytes)  # an ordinary JPEG still keeps its own bytes
 
 

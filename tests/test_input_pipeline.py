@@ -13,8 +13,9 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from disco_jax import colour
-from disco_jax import input_pipeline as ip
+from disco_jax.data import folder, pipeline
+from disco_jax.ops import colour
+from tests import lab_reference
 
 NUM_GOOD = 8  # readable photos in the `photos` folder
 SIZE = 32
@@ -88,7 +89,7 @@ def _offline(monkeypatch):
 
 
 def test_folder_skips_counts_and_names_unreadable_files(photos, data_dir):
-  report = ip.prepare_folder(str(photos), str(data_dir))
+  report = folder.prepare_folder(str(photos), str(data_dir))
   assert report.num_images == NUM_GOOD
   assert sorted(os.path.basename(p) for p, _ in report.skipped) == ['notes.png', 'trunc.jpg']
   assert all(reason for _, reason in report.skipped)
@@ -101,19 +102,19 @@ def test_folder_warns_once_and_reprepares_when_changed(photos, tmp_path, caplog)
   for name in ('a0.jpg', 'd3.png', 'notes.png'):
     shutil.copy(photos / name, folder / name)
   with caplog.at_level('WARNING'):
-    first = ip.prepare_folder(str(folder), str(tmp_path / 'tfds'))
+    first = folder.prepare_folder(str(folder), str(tmp_path / 'tfds'))
   assert 'skipped 1 unreadable files' in caplog.text and 'notes.png' in caplog.text
   caplog.clear()
   with caplog.at_level('WARNING'):
-    again = ip.prepare_folder(str(folder), str(tmp_path / 'tfds'))
+    again = folder.prepare_folder(str(folder), str(tmp_path / 'tfds'))
   assert again == first and 'skipped' not in caplog.text  # reused, not prepared twice
   shutil.copy(photos / 'h7.png', folder / 'h7.png')
-  changed = ip.prepare_folder(str(folder), str(tmp_path / 'tfds'))
+  changed = folder.prepare_folder(str(folder), str(tmp_path / 'tfds'))
   assert changed.data_dir != first.data_dir and changed.num_images == first.num_images + 1
 
 
 def test_stored_photos_are_upright_rgb(photos, data_dir):
-  builder = ip.dataset_builder(_config(photos, data_dir))
+  builder = pipeline.dataset_builder(_config(photos, data_dir))
   stored = {ex['file_name'].decode(): ex['image']
             for ex in tfds.as_numpy(builder.as_dataset(split='train'))}
   assert len(stored) == NUM_GOOD and all(img.shape[-1] == 3 for img in stored.values())
@@ -126,7 +127,7 @@ def test_stored_photos_are_upright_rgb(photos, data_dir):
 
 def test_train_batches_are_global_arrays_in_range(photos, data_dir):
   sharding = _sharding()
-  batches = ip.train_iterator(_config(photos, data_dir), sharding)
+  batches = pipeline.train_iterator(_config(photos, data_dir), sharding)
   for _ in range(2):  # one epoch: every photo, the 8x12 one upscaled
     batch = next(batches)
     assert set(batch) == {'gray', 'ab'}
@@ -139,11 +140,17 @@ def test_train_batches_are_global_arrays_in_range(photos, data_dir):
     assert 0.0 < float(np.abs(ab).max()) < 1.3
 
 
+def test_tf_lab_gives_the_reference_values():
+  gray, ab = pipeline.normalised_lab(lab_reference.RGB.astype(np.float32))
+  lab = colour.denormalise_lab(gray.numpy(), ab.numpy())
+  np.testing.assert_allclose(lab, lab_reference.LAB, atol=lab_reference.ATOL)
+
+
 def test_lab_agrees_with_colour_module():
   rng = np.random.default_rng(1)
   rgb = np.concatenate([rng.random((500, 3)), [[0, 0, 0], [1, 1, 1], [0.01, 0.03, 0.04045]]])
   rgb = rgb.astype(np.float32)
-  gray, ab = ip.normalised_lab(rgb)
+  gray, ab = pipeline.normalised_lab(rgb)
   want_gray, want_ab = colour.normalise_lab(colour.rgb_to_lab(rgb))
   np.testing.assert_allclose(gray.numpy(), want_gray, atol=1e-4)
   np.testing.assert_allclose(ab.numpy(), want_ab, atol=1e-4)
@@ -151,10 +158,10 @@ def test_lab_agrees_with_colour_module():
 
 def test_eval_batches_hold_the_lab_of_the_squashed_photos(photos, data_dir):
   config = _config(photos, data_dir, global_batch_size=NUM_GOOD)
-  (batch,) = _take(ip.eval_batches(config, _sharding()), 1)
-  builder = ip.dataset_builder(config)
+  (batch,) = _take(pipeline.eval_batches(config, _sharding()), 1)
+  builder = pipeline.dataset_builder(config)
   stored = [ex['image'] for ex in tfds.as_numpy(builder.as_dataset('train', shuffle_files=False))]
-  resized = np.stack([ip.squash_resize(img / np.float32(255), SIZE).numpy() for img in stored])
+  resized = np.stack([pipeline.squash_resize(img / np.float32(255), SIZE).numpy() for img in stored])
   want_gray, want_ab = colour.normalise_lab(colour.rgb_to_lab(resized))
   np.testing.assert_allclose(batch['gray'], want_gray, atol=1e-4)
   np.testing.assert_allclose(batch['ab'], want_ab, atol=1e-4)
@@ -162,47 +169,47 @@ def test_eval_batches_hold_the_lab_of_the_squashed_photos(photos, data_dir):
 
 def test_resumed_iterator_matches_uninterrupted_one(photos, data_dir):
   config = _config(photos, data_dir, resize='random_crop', random_flip=True)
-  assert ip.steps_per_epoch(config) == 2  # so steps 3..5 cross the epoch boundary at 4
-  fresh = _take(ip.train_iterator(config, _sharding()), 6)
-  resumed = _take(ip.train_iterator(config, _sharding(), start_step=3), 3)
+  assert pipeline.steps_per_epoch(config) == 2  # so steps 3..5 cross the epoch boundary at 4
+  fresh = _take(pipeline.train_iterator(config, _sharding()), 6)
+  resumed = _take(pipeline.train_iterator(config, _sharding(), start_step=3), 3)
   for want, got in zip(fresh[3:], resumed):
     np.testing.assert_array_equal(got['gray'], want['gray'])
     np.testing.assert_array_equal(got['ab'], want['ab'])
   assert not np.array_equal(fresh[3]['gray'], fresh[5]['gray'])
-  squashed = _take(ip.train_iterator(_config(photos, data_dir), _sharding()), 1)
+  squashed = _take(pipeline.train_iterator(_config(photos, data_dir), _sharding()), 1)
   assert not np.array_equal(fresh[0]['gray'], squashed[0]['gray'])  # crops and flips happen
 
 
 def test_each_epoch_is_a_new_permutation_and_seeds_differ(photos, data_dir):
-  epochs = _fingerprints(_take(ip.train_iterator(_config(photos, data_dir), _sharding()), 4))
+  epochs = _fingerprints(_take(pipeline.train_iterator(_config(photos, data_dir), _sharding()), 4))
   first, second = epochs[:NUM_GOOD], epochs[NUM_GOOD:]
   assert len(set(first)) == NUM_GOOD and sorted(first) == sorted(second)
   assert not np.array_equal(first, second)
-  other = _fingerprints(_take(ip.train_iterator(_config(photos, data_dir, seed=1), _sharding()), 2))
+  other = _fingerprints(_take(pipeline.train_iterator(_config(photos, data_dir, seed=1), _sharding()), 2))
   assert sorted(other) == sorted(first) and not np.array_equal(other, first)
 
 
 def test_eval_pads_the_last_batch_and_masks_it(photos, data_dir):
   config = _config(photos, data_dir, eval_split='train[:5]')
-  batches = _take(ip.eval_batches(config, _sharding()), 2)
+  batches = _take(pipeline.eval_batches(config, _sharding()), 2)
   assert [b['mask'].tolist() for b in batches] == [[True] * 4, [True, False, False, False]]
   assert not np.any(batches[1]['gray'][1:]) and not np.any(batches[1]['ab'][1:])
-  again = list(ip.eval_batches(config, _sharding()))
+  again = list(pipeline.eval_batches(config, _sharding()))
   assert len(again) == 2
   np.testing.assert_array_equal(np.asarray(again[1]['gray']), batches[1]['gray'])
-  assert len(list(ip.eval_batches(config, _sharding(), max_batches=1))) == 1
+  assert len(list(pipeline.eval_batches(config, _sharding(), max_batches=1))) == 1
 
 
 def test_processes_read_disjoint_shares(photos, data_dir):
   config = _config(photos, data_dir)
-  whole = _fingerprints(ip.local_eval_dataset(config).as_numpy_iterator())
-  shares = [list(ip.local_eval_dataset(config, process_index=i, process_count=2)
+  whole = _fingerprints(pipeline.local_eval_dataset(config).as_numpy_iterator())
+  shares = [list(pipeline.local_eval_dataset(config, process_index=i, process_count=2)
                  .as_numpy_iterator()) for i in range(2)]
   assert [len(s) for s in shares] == [2, 2] and shares[0][0]['gray'].shape[0] == 2
   parts = [_fingerprints(s) for s in shares]
   assert not set(parts[0]) & set(parts[1])
   assert sorted(np.concatenate(parts)) == sorted(whole)
-  train = ip.local_train_dataset(config, process_index=1, process_count=2)
+  train = pipeline.local_train_dataset(config, process_index=1, process_count=2)
   assert next(train.as_numpy_iterator())['ab'].shape == (2, SIZE, SIZE, 2)
 
 
@@ -210,41 +217,41 @@ def test_empty_or_missing_folder_fails_naming_it(photos, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(ValueError, match=str(empty)):
-    ip.steps_per_epoch(_config(empty, tmp_path / 'tfds'))
+    pipeline.steps_per_epoch(_config(empty, tmp_path / 'tfds'))
   bad = tmp_path / 'bad'
   bad.mkdir()
   shutil.copy(photos / 'notes.png', bad / 'notes.png')
   with pytest.raises(ValueError, match=str(bad)):
-    ip.prepare_folder(str(bad), str(tmp_path / 'tfds'))
+    folder.prepare_folder(str(bad), str(tmp_path / 'tfds'))
   with pytest.raises(FileNotFoundError, match=str(tmp_path / 'absent')):
-    ip.prepare_folder(str(tmp_path / 'absent'), str(tmp_path / 'tfds'))
+    folder.prepare_folder(str(tmp_path / 'absent'), str(tmp_path / 'tfds'))
 
 
 def test_unprepared_tfds_datasets_fail_fast_offline(tmp_path, monkeypatch):
   _offline(monkeypatch)
   start = time.monotonic()
   with pytest.raises(FileNotFoundError) as error:
-    ip.steps_per_epoch(_config('', tmp_path, dataset='imagenet2012'))
+    pipeline.steps_per_epoch(_config('', tmp_path, dataset='imagenet2012'))
   message = str(error.value)
   assert os.path.join(tmp_path, 'downloads', 'manual', 'ILSVRC2012_img_train.tar') in message
   assert 'ILSVRC2012_img_val.tar' in message and 'tfds build imagenet2012' in message
   with pytest.raises(FileNotFoundError, match='tfds build coco/2017'):
-    ip.train_iterator(_config('', tmp_path, dataset='coco/2017'), _sharding())
+    pipeline.train_iterator(_config('', tmp_path, dataset='coco/2017'), _sharding())
   assert time.monotonic() - start < 5.0
 
 
 def test_unknown_dataset_lists_the_valid_ones(tmp_path):
   with pytest.raises(ValueError, match='imagenet2012.*coco/2017.*folder.*demo'):
-    ip.steps_per_epoch(_config('', tmp_path, dataset='cifar10'))
+    pipeline.steps_per_epoch(_config('', tmp_path, dataset='cifar10'))
 
 
 def test_demo_builds_offline_from_the_scikit_image_photos(tmp_path, monkeypatch):
   _offline(monkeypatch)
   config = _config('', tmp_path, dataset='demo', global_batch_size=4)
-  builder = ip.dataset_builder(config)
+  builder = pipeline.dataset_builder(config)
   assert builder.info.splits['train'].num_examples >= 6
-  assert ip.steps_per_epoch(config) == builder.info.splits['train'].num_examples // 4
-  (batch,) = _take(ip.eval_batches(config, _sharding(), max_batches=1), 1)
+  assert pipeline.steps_per_epoch(config) == builder.info.splits['train'].num_examples // 4
+  (batch,) = _take(pipeline.eval_batches(config, _sharding(), max_batches=1), 1)
   assert batch['mask'].all() and np.abs(batch['ab']).max() > 0.1  # real colour photos
 
 
@@ -257,7 +264,7 @@ def test_prefetch_runs_ahead_and_hands_errors_over():
       yield i
     raise OSError('record 5 unreadable')
 
-  consumer = ip._prefetch(items(), depth=2)  # pylint: disable=protected-access
+  consumer = pipeline.prefetch(items(), depth=2)  # pylint: disable=protected-access
   deadline = time.monotonic() + 5
   while len(made) < 3 and time.monotonic() < deadline:
     time.sleep(0.01)

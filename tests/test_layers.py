@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disco_jax import layers
+from disco_jax.models import layers
 
 
 def test_conv_transpose_matches_pytorch_definition():

@@ -3,7 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disco_jax import colour, losses, vgg
+from disco_jax.models import vgg
+from disco_jax.ops import colour
+from disco_jax.training import losses
 
 
 def test_rebalanced_ce_has_the_official_gradient():

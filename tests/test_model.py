@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from disco_jax import colour, losses, model
+from disco_jax.models import disco
+from disco_jax.ops import colour
+from disco_jax.training import losses
 
-TINY = model.DISCO(spix_width=4, backbone_width=8, refine_width=8, d_model=16, num_layers=2,
+TINY = disco.DISCO(spix_width=4, backbone_width=8, refine_width=8, d_model=16, num_layers=2,
                    num_heads=2, ffn_dim=32, num_anchors=3)
 
 
@@ -19,21 +21,21 @@ def _inputs(b, height, width, seed=0):
 
 
 def test_released_parameter_count():
-  shapes = jax.eval_shape(lambda: model.init_variables(model.DISCO()))
+  shapes = jax.eval_shape(lambda: disco.init_variables(disco.DISCO()))
   params = shapes['params']
-  assert model.count_params(params) == 43_063_739
-  per_module = {name: model.count_params(params, name) for name in params}
+  assert disco.count_params(params) == 43_063_739
+  per_module = {name: disco.count_params(params, name) for name in params}
   assert per_module == {'segnet': 2_269_497, 'repnet': 32_529_216, 'wildpath': 299_904,
                         'hintpath': 299_904, 'mid_word_prj': 20_032, 'trg_word_emb': 24_192,
                         'trg_word_prj': 20_032, 'enhanceNet': 7_600_962}
   # Table 1 of the supplementary: 5 layers per branch.
-  five = jax.eval_shape(lambda: model.init_variables(model.DISCO(num_layers=5)))['params']
-  assert model.count_params(five, 'wildpath') == 5 * 49_984
+  five = jax.eval_shape(lambda: disco.init_variables(disco.DISCO(num_layers=5)))['params']
+  assert disco.count_params(five, 'wildpath') == 5 * 49_984
 
 
 @pytest.fixture(scope='module')
 def tiny_variables():
-  return model.init_variables(TINY, 0)
+  return disco.init_variables(TINY, 0)
 
 
 def test_non_square_size_and_bad_size(tiny_variables):
@@ -121,6 +123,6 @@ def test_training_gradients_tiny(tiny_variables):
 
 def test_full_size_forward_backward_at_reduced_resolution():
   """The released configuration, one training step's gradient at 32x32 (a 2x2 token grid)."""
-  released = model.DISCO(num_anchors=2)  # a 2x2 grid has room for fewer than the default 8
-  variables = model.init_variables(released, 0)
+  released = disco.DISCO(num_anchors=2)  # a 2x2 grid has room for fewer than the default 8
+  variables = disco.init_variables(released, 0)
   _check_training_gradients(released, variables, *_inputs(1, 32, 32))

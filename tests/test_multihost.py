@@ -37,8 +37,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from disco_jax import checkpoint as ckpt_lib
-from disco_jax import convert, tasks, train
+from disco_jax.training import checkpoint as ckpt_lib
+from disco_jax.training import tasks, trainer
+from disco_jax.weights import convert
 from tests.conftest import REPO
 
 _TIMEOUT_S = 900  # per run: generous, so that a loaded shared machine does not fail the test
@@ -192,7 +193,7 @@ def chain(tmp_path_factory):
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(chain):
   codes, logs = chain['a']
-  assert codes == [train.PREEMPTED_EXIT_CODE] * 2, [l[-3000:] for l in logs]
+  assert codes == [trainer.PREEMPTED_EXIT_CODE] * 2, [l[-3000:] for l in logs]
   k1 = chain['k1']
   assert _one_match(_PREEMPTED, logs[1]) == k1 >= 2  # the same step on both processes
   assert 'over 2 devices (2 processes)' in logs[0]
@@ -202,7 +203,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(chain):
 
 def test_sigterm_to_one_process_saves_the_current_step_and_exits_42(chain):
   codes, logs = chain['b']
-  assert codes == [train.PREEMPTED_EXIT_CODE], logs[0][-3000:]
+  assert codes == [trainer.PREEMPTED_EXIT_CODE], logs[0][-3000:]
   assert 'over 2 devices (1 processes)' in logs[0]
   k2 = chain['k2']
   assert k2 >= chain['k1'] + 2

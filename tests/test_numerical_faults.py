@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import spixnet as spixnet_configs
-from disco_jax import train, validate
+from disco_jax.training import trainer, validate
 from tools import kill_resume
 
 
@@ -64,7 +64,7 @@ def _assert_clean_stop(out, workdir, before, message):
   assert 'Traceback' not in out.stderr
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2']
   assert _digests(workdir / 'checkpoints' / '2') == before
-  _, state = train.restore_trained(str(workdir))
+  _, state = trainer.restore_trained(str(workdir))
   assert int(state.step) == 2
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(state))
   return last
@@ -91,11 +91,11 @@ def test_learning_rate_1e6_is_stopped_as_diverged(trained, tmp_path):
 def test_divergence_check_names_step_ratio_and_limit():  # pylint: disable=protected-access
   metrics = {'loss': jnp.float32(2.5), 'lr': jnp.float32(1e6), 'finite': jnp.bool_(True),
              'update_ratio': jnp.float32(3e6)}
-  with pytest.raises(train.Diverged, match=r'at step 8: .* by 3e\+06 times their norm .*'
+  with pytest.raises(trainer.Diverged, match=r'at step 8: .* by 3e\+06 times their norm .*'
                                            r'max_update_ratio=1;'):
-    train._Pending([(7, metrics)], max_update_ratio=1.0).flush()
+    trainer.PendingMetrics([(7, metrics)], max_update_ratio=1.0).flush()
   # With the check off (0) the same step passes and its scalars come back.
-  assert train._Pending([(7, metrics)]).flush()['update_ratio'] == 3e6
+  assert trainer.PendingMetrics([(7, metrics)]).flush()['update_ratio'] == 3e6
 
 
 def test_bad_fault_fields_are_named(trained):

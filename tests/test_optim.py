@@ -4,7 +4,7 @@ import optax
 import pytest
 import jax.numpy as jnp
 
-from disco_jax import optim
+from disco_jax.training import optim
 
 
 def _config(**kw):

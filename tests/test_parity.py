@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from disco_jax import convert, model
+from disco_jax import parity
+from disco_jax.weights import convert
 from tests.conftest import parity_dir
 
 TIGHT = ('assoc', 'features', 'tokens', 'spix_ab', 'conf_sum', 'spix_size', 'pos', 'hint_emb',
@@ -57,7 +58,7 @@ def test_stages_match_official(case, variables_for_seed):
   fx = dict(np.load(case))
   variables = variables_for_seed(int(fx['state_dict_seed']))
   with jax.default_matmul_precision('highest'):
-    out = model.forward_stages(variables, fx['gray'], fx['ab'], fx['anchor_mask'],
+    out = parity.forward_stages(variables, fx['gray'], fx['ab'], fx['anchor_mask'],
                                fx['anchor_label'])
   checked = []
   for key, atol in [(k, 1e-5) for k in TIGHT] + [(k, 5e-5) for k in TRANSFORMER]:
@@ -109,5 +110,5 @@ def test_damaged_variables_file_is_named(tmp_path):
   bad.write_bytes(b'\x00garbage')
   with pytest.raises(ValueError, match='bad.msgpack'):
     convert.load_variables(bad)
-  with pytest.raises(FileNotFoundError, match='python -m disco_jax.convert'):
+  with pytest.raises(FileNotFoundError, match='python -m disco_jax.weights.convert'):
     convert.load_variables(tmp_path / 'absent.msgpack')

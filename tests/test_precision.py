@@ -6,7 +6,7 @@ import pytest
 
 from configs import disco as disco_configs
 from configs import spixnet as spixnet_configs
-from disco_jax import tasks
+from disco_jax.training import tasks
 
 
 def _batch(size=32, n=2):
@@ -92,8 +92,8 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
 
 
 def test_unknown_dtype_is_refused():
-  from disco_jax import model as model_lib
+  from disco_jax.models import disco
   config = disco_configs.get_config('tiny')
   config.model.dtype = 'float16'
   with pytest.raises(ValueError, match='config.model.dtype'):
-    model_lib.from_config(config.model)
+    disco.from_config(config.model)

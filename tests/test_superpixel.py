@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disco_jax import superpixel as sp
+from disco_jax.ops import superpixel as sp
 
 S = sp.STRIDE
 

@@ -310,3 +310,30 @@ def test_not_a_torch_file(tmp_path, content):
     read_torch_file(path)
   assert not isinstance(e.value, UnsafeCheckpointError)
 
+
+@pytest.mark.parametrize('filename', ['spixnet_seed3.pth.tar', 'spixnet_seed3_ddp_legacy.pth.tar'])
+def test_the_converter_reads_official_torch_files_without_torch(torch_dir, segnet_seed3, tmp_path,
+                                                                  monkeypatch, filename):
+  from disco_jax.weights import convert  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` fails, installed or not
+  out = tmp_path / 'spixnet.msgpack'
+  convert.main([str(torch_dir / filename), str(out), '--spixnet'])
+  want = convert.variables_from_state_dict(segnet_seed3, spixnet_only=True)
+  got = convert.load_variables(out)
+  assert jax_tree_equal(got, want)
+
+
+def test_the_converter_refuses_the_malicious_file_by_name(torch_dir, tmp_path, monkeypatch):
+  from disco_jax.weights import convert  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit, match='refused to load global'):
+    convert.main([str(torch_dir / 'malicious.pth.tar'), str(tmp_path / 'out.msgpack')])
+  assert not (tmp_path / MARKER).exists() and not (tmp_path / 'out.msgpack').exists()
+
+
+def jax_tree_equal(a, b):
+  """Same nested dict structure, and every leaf bit-identical (same dtype)."""
+  if isinstance(a, dict):
+    return isinstance(b, dict) and a.keys() == b.keys() and all(
+        jax_tree_equal(a[k], b[k]) for k in a)
+  return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)

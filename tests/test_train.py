@@ -13,9 +13,13 @@ from PIL import Image
 
 from configs import disco as disco_configs
 from configs import spixnet as spixnet_configs
-from disco_jax import checkpoint as ckpt_lib
-from disco_jax import convert, evaluation, evaluator, input_pipeline, sharding, tasks, train
-from disco_jax import validate
+from disco_jax.data import folder
+from disco_jax.evaluation import evaluator
+from disco_jax.models import inception
+from disco_jax.training import checkpoint as ckpt_lib
+from disco_jax.training import optim, sharding, tasks, trainer, validate
+from disco_jax.weights import convert
+from disco_jax.weights import inception as inception_weights
 from tests.conftest import REPO
 
 
@@ -53,7 +57,7 @@ def _tiny(module, folder, data_dir, **overrides):
 def stage1(photo_folder, tmp_path_factory):
   root = tmp_path_factory.mktemp('runs')
   workdir = root / 'spixnet'
-  scalars = train.train_and_evaluate(_tiny(spixnet_configs, photo_folder, root / 'tfds'),
+  scalars = trainer.train_and_evaluate(_tiny(spixnet_configs, photo_folder, root / 'tfds'),
                                      str(workdir))
   return root, workdir, scalars
 
@@ -71,7 +75,7 @@ def stage2(stage1, photo_folder):
   root, spix_dir, _ = stage1
   workdir = root / 'disco'
   config = _tiny(disco_configs, photo_folder, root / 'tfds', spixnet_checkpoint=str(spix_dir))
-  scalars = train.train_and_evaluate(config, str(workdir))
+  scalars = trainer.train_and_evaluate(config, str(workdir))
   return workdir, config, scalars
 
 
@@ -85,7 +89,7 @@ def test_stage2_two_steps_then_resume_on_another_device_count(stage1, stage2):
   assert list((workdir / 'samples').glob('*.png')) and list((workdir / 'tensorboard').iterdir())
 
   # The frozen SPixNet is stage 1's, unchanged by training; the workdir alone restores the model.
-  saved_config, variables = train.load_trained(str(workdir))
+  saved_config, variables = trainer.load_trained(str(workdir))
   assert saved_config.model.d_model == config.model.d_model
   exported = convert.load_variables(spix_dir / tasks.SPIXNET_EXPORT)
   np.testing.assert_array_equal(variables['params']['segnet']['conv2a_0']['kernel'],
@@ -113,7 +117,7 @@ def test_stage2_two_steps_then_resume_on_another_device_count(stage1, stage2):
 
 def test_folder_with_corrupt_files_is_skipped_counted_named(stage1, photo_folder):
   root, _, _ = stage1
-  report = input_pipeline.prepare_folder(str(photo_folder), str(root / 'tfds'))
+  report = folder.prepare_folder(str(photo_folder), str(root / 'tfds'))
   assert report.num_images == 10
   assert sorted(os.path.basename(p) for p, _ in report.skipped) == ['notes.png', 'truncated.jpg']
 
@@ -130,12 +134,32 @@ def test_bad_config_fields_are_named(photo_folder, tmp_path):
   assert "config.spixnet_checkpoint=''" in msg
 
 
+def test_validation_only_looks(photo_folder, tmp_path):
+  """validate_config prepares nothing: no TFDS folder dataset, no demo photos, no ImageNet build
+  (the trainer prepares them when training starts)."""
+  data_dir = tmp_path / 'tfds'
+  config = _tiny(spixnet_configs, photo_folder, data_dir)
+  validate.validate_config(config)  # a folder of photos: fine, and not prepared
+  config.input.dataset = 'demo'
+  validate.validate_config(config)
+  assert not data_dir.exists()
+  config.input.dataset = 'imagenet2012'
+  with pytest.raises(validate.ConfigError, match='manual download'):
+    validate.validate_config(config)
+  manual = data_dir / 'downloads' / 'manual'
+  manual.mkdir(parents=True)
+  for tar in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'):
+    (manual / tar).write_bytes(b'')
+  validate.validate_config(config)  # the tars are there: training will prepare it
+  assert sorted(p.name for p in data_dir.iterdir()) == ['downloads']
+
+
 def _spix_setup(photo_folder, root, learning_rate):
   config = _tiny(spixnet_configs, photo_folder, root / 'tfds', **{'optim.learning_rate':
                                                                   learning_rate})
   task = tasks.make_task(config)
-  schedule = train.optim.learning_rate_schedule(config.optim, 1)
-  return task, schedule, train.optim.make_optimizer(config.optim, schedule, task.frozen)
+  schedule = optim.learning_rate_schedule(config.optim, 1)
+  return task, schedule, optim.make_optimizer(config.optim, schedule, task.frozen)
 
 
 def test_batchnorm_statistics_are_global_4_devices_equal_1(stage1, photo_folder):
@@ -155,9 +179,9 @@ def test_batchnorm_statistics_are_global_4_devices_equal_1(stage1, photo_folder)
   runs = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(1, devices)
-    state = train.create_state(task, tx, 0)
+    state = trainer.create_state(task, tx, 0)
     state_shard = sharding.tree_shardings(mesh, state)
-    step = jax.jit(train.make_train_step(task, tx, schedule, 0),
+    step = jax.jit(trainer.make_train_step(task, tx, schedule, 0),
                    in_shardings=(state_shard, sharding.batch_sharding(mesh)))
     state = jax.device_put(state, state_shard)
     losses = []
@@ -173,15 +197,15 @@ def test_batchnorm_statistics_are_global_4_devices_equal_1(stage1, photo_folder)
 def test_nonfinite_step_is_not_applied_and_named(stage1, photo_folder):
   root, _, _ = stage1
   task, schedule, tx = _spix_setup(photo_folder, root, 1e-3)
-  state = train.create_state(task, tx, 0)
+  state = trainer.create_state(task, tx, 0)
   gray = jnp.zeros((4, 32, 32, 1))
   ab = jnp.zeros((4, 32, 32, 2)).at[0, 0, 0, 0].set(jnp.nan)
-  new, m = jax.jit(train.make_train_step(task, tx, schedule, 0))(state, {'gray': gray, 'ab': ab})
+  new, m = jax.jit(trainer.make_train_step(task, tx, schedule, 0))(state, {'gray': gray, 'ab': ab})
   assert not bool(m['finite'])
   np.testing.assert_array_equal(new.params['conv1a_0']['kernel'],
                                 state.params['conv1a_0']['kernel'])
-  pending = train._Pending([(6, m)])
-  with pytest.raises(train.NonFiniteLoss, match='non-finite value at step 7: .*spixel'):
+  pending = trainer.PendingMetrics([(6, m)])
+  with pytest.raises(trainer.NonFiniteLoss, match='non-finite value at step 7: .*spixel'):
     pending.flush()
 
 
@@ -192,9 +216,9 @@ def test_train_step_updates_the_donated_state_in_place(stage1, photo_folder, max
   read by something the selection of a skipped step did not depend on."""
   root, _, _ = stage1
   task, schedule, tx = _spix_setup(photo_folder, root, 1e-3)
-  state = train.create_state(task, tx, 0)
+  state = trainer.create_state(task, tx, 0)
   batch = {'gray': jnp.zeros((4, 32, 32, 1)), 'ab': jnp.zeros((4, 32, 32, 2))}
-  step = jax.jit(train.make_train_step(task, tx, schedule, 0, max_update_ratio),
+  step = jax.jit(trainer.make_train_step(task, tx, schedule, 0, max_update_ratio),
                  donate_argnums=(0,))
   hlo = step.lower(state, batch).compile().as_text()
   entry = hlo[hlo.index('\nENTRY'):]
@@ -216,7 +240,7 @@ def test_fsdp_shards_large_kernels_and_computes_the_same_step(monkeypatch, stage
   losses = []
   for fsdp in (1, 2):
     mesh = sharding.make_mesh(fsdp)
-    state = train.create_state(task, tx, 0)
+    state = trainer.create_state(task, tx, 0)
     shard = sharding.tree_shardings(mesh, state)
     if fsdp == 2:
       kernel_spec = shard.params['conv1a_0']['kernel'].spec
@@ -224,7 +248,7 @@ def test_fsdp_shards_large_kernels_and_computes_the_same_step(monkeypatch, stage
       assert shard.params['conv1a_1']['bias'].spec == jax.sharding.PartitionSpec()
       adam_mu = jax.tree_util.tree_leaves(shard.opt_state[0].mu['conv1a_0'])
       assert all(s.spec == kernel_spec for s in adam_mu)
-    step = jax.jit(train.make_train_step(task, tx, schedule, 0),
+    step = jax.jit(trainer.make_train_step(task, tx, schedule, 0),
                    in_shardings=(shard, sharding.batch_sharding(mesh)), out_shardings=(shard, None))
     new, m = step(jax.device_put(state, shard), jax.device_put(batch, sharding.batch_sharding(mesh)))
     assert new.params['conv1a_0']['kernel'].sharding.spec == shard.params['conv1a_0']['kernel'].spec
@@ -235,8 +259,8 @@ def test_fsdp_shards_large_kernels_and_computes_the_same_step(monkeypatch, stage
 def test_eval_writes_every_metric_and_the_pngs(stage2, tmp_path):
   workdir, _, _ = stage2
   # Random InceptionV3 weights in our format: FID's path end to end, not its value.
-  inception = evaluation.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
-  evaluation.save_inception(tmp_path / 'inception.msgpack', jax.device_get(inception))
+  variables = inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+  inception_weights.save_inception(tmp_path / 'inception.msgpack', jax.device_get(variables))
   metrics = evaluator.evaluate_workdir(str(workdir), inception=str(tmp_path / 'inception.msgpack'),
                                        num_images=3, max_batches=2)
   saved = json.loads((workdir / 'eval' / 'metrics.json').read_text())
@@ -250,7 +274,7 @@ def test_eval_writes_every_metric_and_the_pngs(stage2, tmp_path):
   no_fid = evaluator.evaluate_workdir(str(workdir), max_batches=1)
   assert no_fid['fid'].startswith('unavailable') and no_fid['num_images'] == 4
   # Weights converted elsewhere (a variables file) with a config, as for official checkpoints.
-  config, variables = train.load_trained(str(workdir))
+  config, variables = trainer.load_trained(str(workdir))
   convert.save_variables(tmp_path / 'v.msgpack', jax.device_get(variables))
   imported = evaluator.evaluate(config, convert.load_variables(tmp_path / 'v.msgpack'),
                                 str(tmp_path / 'imported'), max_batches=1)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disco_jax import vgg
+from disco_jax.models import vgg
+from disco_jax.weights import vgg19
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # torchvision vgg19().features: convs at these indices, each followed by a ReLU, and 2x2 max-pools
@@ -49,7 +50,7 @@ def state_dict():
 
 @pytest.fixture(scope='module')
 def params(state_dict):
-  return vgg.params_from_torchvision(state_dict)
+  return vgg19.params_from_torchvision(state_dict)
 
 
 def write_keras_h5(path, state_dict, layout='keras2', drop=(), bad_bias=()):
@@ -131,7 +132,7 @@ def test_torchvision_kernel_layout_on_a_hand_made_kernel(state_dict):
   w[0, 2, 0, 2] = 1.0
   sd['features.0.weight'], sd['features.0.bias'] = w, np.zeros(64, np.float32)
   x = np.random.default_rng(2).uniform(size=(1, 16, 16, 3)).astype(np.float32)
-  relu1_1 = vgg.VGG19Features().apply({'params': vgg.params_from_torchvision(sd)}, x)[0]
+  relu1_1 = vgg.VGG19Features().apply({'params': vgg19.params_from_torchvision(sd)}, x)[0]
   np.testing.assert_array_equal(np.asarray(relu1_1)[0, 1:, :-1, 0], x[0, :-1, 1:, 2])
   np.testing.assert_array_equal(np.asarray(relu1_1)[0, 0, :, 0], 0.0)  # zero padding above
 
@@ -141,7 +142,7 @@ def test_torchvision_missing_and_misshaped_keys_are_all_listed(state_dict):
   del sd['features.0.weight'], sd['features.28.bias']
   sd['features.5.weight'] = sd['features.5.weight'].transpose(2, 3, 1, 0)  # HWIO by mistake
   with pytest.raises(ValueError) as e:
-    vgg.params_from_torchvision(sd)
+    vgg19.params_from_torchvision(sd)
   for key in ('features.0.weight', 'features.28.bias', 'features.5.weight'):
     assert key in str(e.value)
   assert 'features.0.bias' not in str(e.value)
@@ -151,7 +152,7 @@ def test_torchvision_missing_and_misshaped_keys_are_all_listed(state_dict):
 def test_keras_h5_gives_the_torchvision_params(tmp_path, state_dict, params, layout):
   path = tmp_path / 'vgg19_notop.h5'
   write_keras_h5(path, state_dict, layout)
-  got = vgg.params_from_keras_h5(str(path))
+  got = vgg19.params_from_keras_h5(str(path))
   assert jax.tree.structure(got) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, got, params)
 
@@ -160,19 +161,19 @@ def test_keras_h5_problems_are_all_listed(tmp_path, state_dict):
   path = tmp_path / 'broken.h5'
   write_keras_h5(path, state_dict, drop=('block3_conv2',), bad_bias=('block4_conv1',))
   with pytest.raises(ValueError) as e:
-    vgg.params_from_keras_h5(str(path))
+    vgg19.params_from_keras_h5(str(path))
   assert 'block3_conv2' in str(e.value) and 'block4_conv1' in str(e.value)
   assert str(path) in str(e.value)
   garbage = tmp_path / 'garbage.h5'
   garbage.write_bytes(b'not hdf5 at all')
   with pytest.raises(ValueError, match='garbage.h5'):
-    vgg.params_from_keras_h5(str(garbage))
+    vgg19.params_from_keras_h5(str(garbage))
 
 
 def test_save_load_round_trip(tmp_path, params):
   path = tmp_path / 'vgg19.msgpack'
-  vgg.save_vgg19(str(path), params, 'caffe')
-  loaded, mode = vgg.load_vgg19(str(path))
+  vgg19.save_vgg19(str(path), params, 'caffe')
+  loaded, mode = vgg19.load_vgg19(str(path))
   assert mode == 'caffe'
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
@@ -181,13 +182,13 @@ def test_save_load_round_trip(tmp_path, params):
 @pytest.mark.parametrize('path', [None, '', 'does/not/exist/vgg19.msgpack'])
 def test_missing_weights_file_says_where_to_get_one(path):
   with pytest.raises(FileNotFoundError) as e:
-    vgg.load_vgg19(path)
+    vgg19.load_vgg19(path)
   message = str(e.value)
   for needed in ('https://download.pytorch.org/models/vgg19-dcbb9e9d.pth',
                  'https://storage.googleapis.com/tensorflow/keras-applications/vgg19/'
                  'vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5',
-                 'python -m disco_jax.vgg --torchvision', 'python -m disco_jax.vgg --keras',
-                 'pip install torch', 'to 0'):
+                 'python -m disco_jax.weights.vgg19 --torchvision',
+                 'python -m disco_jax.weights.vgg19 --keras', 'to 0'):
     assert needed in message
   if path:
     assert path in message
@@ -197,14 +198,14 @@ def test_damaged_or_wrong_weights_files_name_the_file_and_problem(tmp_path, para
   garbage = tmp_path / 'garbage.msgpack'
   garbage.write_bytes(b'\xc1\xff\x00 definitely not msgpack')
   with pytest.raises(ValueError, match='garbage.msgpack'):
-    vgg.load_vgg19(str(garbage))
+    vgg19.load_vgg19(str(garbage))
   # A well-formed file whose conv2_1 has the wrong input width: the shape check names the layer.
   wrong = {k: dict(v) for k, v in params.items()}
   wrong['conv2_1']['kernel'] = np.zeros((3, 3, 32, 128), np.float32)
   path = tmp_path / 'wrong.msgpack'
   path.write_bytes(flax.serialization.msgpack_serialize({'params': wrong, 'preprocess': 'torch'}))
   with pytest.raises(ValueError, match=r'(?s)wrong\.msgpack.*conv2_1/kernel'):
-    vgg.load_vgg19(str(path))
+    vgg19.load_vgg19(str(path))
 
 
 def test_preprocess_modes():
@@ -280,18 +281,21 @@ def test_cli_converts_a_keras_file(tmp_path, state_dict, params):
   h5 = tmp_path / 'vgg19_notop.h5'
   write_keras_h5(h5, state_dict)
   out = tmp_path / 'vgg19.msgpack'
-  result = subprocess.run([sys.executable, '-m', 'disco_jax.vgg', '--keras', str(h5),
+  result = subprocess.run([sys.executable, '-m', 'disco_jax.weights.vgg19', '--keras', str(h5),
                            '--out', str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=False)
   assert result.returncode == 0, result.stderr
-  loaded, mode = vgg.load_vgg19(str(out))
+  loaded, mode = vgg19.load_vgg19(str(out))
   assert mode == 'caffe'
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
-def test_cli_without_torch_says_how_to_proceed(tmp_path, monkeypatch, capsys):
-  monkeypatch.setitem(sys.modules, 'torch', None)  # makes `import torch` fail, installed or not
-  with pytest.raises(SystemExit) as e:
-    vgg.main(['--torchvision', str(tmp_path / 'vgg19.pth'), '--out', str(tmp_path / 'o.msgpack')])
-  assert 'pip install torch' in str(e.value.code) and '--keras' in str(e.value.code)
-  assert not (tmp_path / 'o.msgpack').exists()
+def test_cli_converts_torchvision_weights_without_torch(tmp_path, monkeypatch, state_dict, params):
+  # `import torch` fails, installed or not: the state dict is read by weights.torch_file (an .npz of
+  # it here; tests/test_torch_file.py covers real torch.save files).
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  np.savez(tmp_path / 'vgg19.npz', **state_dict)
+  vgg19.main(['--torchvision', str(tmp_path / 'vgg19.npz'), '--out', str(tmp_path / 'o.msgpack')])
+  loaded, mode = vgg19.load_vgg19(str(tmp_path / 'o.msgpack'))
+  assert mode == 'torch'
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)

@@ -12,8 +12,8 @@ reason matching the table's pattern, and nothing may crash. `count` beyond the t
 variants (random truncations, random bytes, random odd photos).
 
 `campaign(directory, count)` writes the corpus under `directory`, then runs it through
-`input_pipeline.prepare_folder` plus one epoch of the tf.data train and eval datasets, and through
-`python -m disco_jax.colorize` (its `main`, in process) with a tiny random model at work size 32,
+`data.folder.prepare_folder` plus one epoch of the tf.data train and eval datasets, and through
+`python -m disco_jax.inference.colorize` (its `main`, in process) with a tiny random model at work size 32,
 and classifies every file's outcome on both paths.
 """
 import argparse
@@ -388,8 +388,8 @@ def reference_rgb(path):
 
 
 def lightness(rgb):
-  """uint8 RGB `(..., 3)` -> CIE L `(...)` (disco_jax.colour's OpenCV-float conversion)."""
-  from disco_jax import colour  # pylint: disable=import-outside-toplevel
+  """uint8 RGB `(..., 3)` -> CIE L `(...)` (disco_jax.ops.colour's OpenCV-float conversion)."""
+  from disco_jax.ops import colour  # pylint: disable=import-outside-toplevel
   return colour.rgb_to_lab(rgb.astype(np.float64) / 255.0)[..., 0]
 
 
@@ -419,10 +419,11 @@ def check_output(case, rgb):
 def _tiny_variables(directory):
   """Path of the tiny random model's variables file (written once into `directory`)."""
   # disco_jax (JAX, TensorFlow) is imported only here and below: writing a corpus needs neither.
-  from disco_jax import convert, model as model_lib  # pylint: disable=import-outside-toplevel
+  from disco_jax.models import disco  # pylint: disable=import-outside-toplevel
+  from disco_jax.weights import convert  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, 'tiny.msgpack')
   if not os.path.exists(path):
-    convert.save_variables(path, model_lib.init_variables(model_lib.DISCO(**TINY), 0))
+    convert.save_variables(path, disco.init_variables(disco.DISCO(**TINY), 0))
   return path
 
 
@@ -445,15 +446,16 @@ def run_folder(folder, cases, data_dir):
   'skipped' (`detail`: the report's reason), 'absent' (in neither), or 'crash' (the scan or a
   tf.data pass raised; `detail` the exception).
   """
-  from disco_jax import input_pipeline as ip  # pylint: disable=import-outside-toplevel
+  from disco_jax.data import folder as folder_lib  # pylint: disable=import-outside-toplevel
+  from disco_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   crashes = []
   try:
-    report = ip.prepare_folder(folder, data_dir)
+    report = folder_lib.prepare_folder(folder, data_dir)
   except Exception as e:  # pylint: disable=broad-except  # any exception here is a finding
     return {p: ('crash', repr(e)) for p, _ in cases}, [f'prepare_folder: {e!r}']
   config = _folder_config(folder, data_dir, report.num_images)
-  builder = ip.dataset_builder(config)
+  builder = pipeline.dataset_builder(config)
   stored = {}
   try:
     for ex in tfds.as_numpy(builder.as_dataset(split='train', shuffle_files=False)):
@@ -461,9 +463,9 @@ def run_folder(folder, cases, data_dir):
     # One epoch through the training pipeline (crops, flips) and one eval pass: every kept
     # record is decoded by tf.data here, as in training.
     batch = config.input.global_batch_size
-    train = ip.local_train_dataset(config).take(report.num_images // batch)
+    train = pipeline.local_train_dataset(config).take(report.num_images // batch)
     n_train = sum(b['gray'].shape[0] for b in train.as_numpy_iterator())
-    n_eval = sum(int(b['mask'].sum()) for b in ip.local_eval_dataset(config).as_numpy_iterator())
+    n_eval = sum(int(b['mask'].sum()) for b in pipeline.local_eval_dataset(config).as_numpy_iterator())
     if n_train != report.num_images // batch * batch or n_eval != report.num_images:
       crashes.append(f'tf.data gave {n_train} training and {n_eval} eval examples for '
                      f'{report.num_images} kept files')
@@ -498,13 +500,13 @@ def _stored_problem(case, path, image):
 
 
 def run_colorize(folder, cases, out_dir, variables_path):
-  """Runs `python -m disco_jax.colorize` (its main, in process) over the corpus folder.
+  """Runs `python -m disco_jax.inference.colorize` (its main, in process) over the corpus folder.
 
   -> ({path: (outcome, detail)}, crash messages, exit status). outcome: 'colorized' (`detail`
   '' or what is wrong with the output), 'rejected' (`detail`: the error line naming the file),
   'absent', or 'crash'.
   """
-  from disco_jax import colorize  # pylint: disable=import-outside-toplevel
+  from disco_jax.inference import colorize  # pylint: disable=import-outside-toplevel
   argv = ['--variables', variables_path, '--model', json.dumps(TINY), '--size', str(WORK_SIZE),
           # One compiled batch for the whole corpus: the campaign tests reading, and every
           # other batch size would cost a compilation.

@@ -210,8 +210,8 @@ def final_state(workdir):
   """(step, {path: np.ndarray}) of the latest checkpoint of a train.py workdir: every leaf of the
   train state (optimizer state included)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from disco_jax import train  # pylint: disable=g-import-not-at-top
-  _, state = train.restore_trained(str(workdir))
+  from disco_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  _, state = trainer.restore_trained(str(workdir))
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return int(state.step), {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(x)
                            for p, x in leaves}

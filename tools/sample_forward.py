@@ -6,7 +6,7 @@
 Uses scikit-image's astronaut photo (shipped in its wheel, no network). Without `--variables` the
 weights are a fresh initialisation, so the colours are meaningless: the run shows that the whole
 model (k-means anchors included) compiles and runs, with its shapes, anchors and timings. With
-variables converted from an official checkpoint (`python -m disco_jax.convert`) it colorizes.
+variables converted from an official checkpoint (`python -m disco_jax.weights.convert`) it colorizes.
 """
 import argparse
 import os
@@ -21,12 +21,14 @@ import numpy as np
 from PIL import Image
 import skimage.data
 
-from disco_jax import colour, convert, model as model_lib
+from disco_jax.models import disco
+from disco_jax.ops import colour
+from disco_jax.weights import convert
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--variables', help='variables file from python -m disco_jax.convert')
+  parser.add_argument('--variables', help='variables file from python -m disco_jax.weights.convert')
   parser.add_argument('--size', type=int, default=256, help='working size (multiple of 16)')
   parser.add_argument('--anchors', type=int, default=8, help='number of colour anchors')
   parser.add_argument('--seed', type=int, default=130, help='k-means seed (official default 130)')
@@ -36,15 +38,15 @@ def main():
   rgb = jnp.asarray(skimage.data.astronaut(), jnp.float32) / 255.0
   rgb = jax.image.resize(rgb, (args.size, args.size, 3), 'bilinear')[None]  # (1, S, S, 3)
   gray, ab = colour.normalise_lab(colour.rgb_to_lab(rgb))
-  model = model_lib.DISCO(num_anchors=args.anchors)
+  model = disco.DISCO(num_anchors=args.anchors)
   t0 = time.perf_counter()
   if args.variables:
     variables = convert.load_variables(args.variables)
     source = args.variables
   else:
-    variables = model_lib.init_variables(model, 0)
+    variables = disco.init_variables(model, 0)
     source = 'fresh initialisation (untrained: colours are meaningless)'
-  print(f'weights: {source}; {model_lib.count_params(variables["params"]):,} parameters '
+  print(f'weights: {source}; {disco.count_params(variables["params"]):,} parameters '
         f'({time.perf_counter() - t0:.1f} s)')
 
   colorize = jax.jit(lambda v, g, a, key: model.apply(

@@ -1,0 +1,1 @@
+"""Input data: the one photo reader, image folders as TFDS datasets, the tf.data pipeline."""

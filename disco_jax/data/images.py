@@ -1,0 +1,64 @@
+"""The one photo reader: image files -> upright 8-bit RGB, for training data and colorization alike.
+
+Training folders (`data.folder`) and the colorize command read files through `read_photo`, so both
+accept the same files (the same extensions, modes and EXIF orientation) and refuse the rest with
+the same `UnreadableImage` message.
+"""
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+Image.init()  # registers every plugin, so registered_extensions() lists all formats PIL can read
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif') + tuple(
+    ext for ext in ('.bmp', '.webp', '.tif', '.tiff') if ext in Image.registered_extensions())
+_EXIF_ORIENTATION = 0x0112
+# Integer greyscale modes PIL opens 16-bit files in: convert('RGB') would clip them at 255.
+_WIDE_GREY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+
+class UnreadableImage(ValueError):
+  """A file that is not an image this reader can decode, named with the reason."""
+
+
+def read_photo(path):
+  """An image file -> (`(H, W, 3)` uint8 RGB upright as its EXIF says, is_plain_rgb_jpeg).
+
+  Greyscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB (16-bit scaled, not clipped);
+  an animated GIF gives its first frame. `is_plain_rgb_jpeg` says the file's own bytes decode to
+  these pixels (an RGB JPEG with no EXIF rotation), so a dataset may keep them unchanged.
+
+  Raises `UnreadableImage` naming the file for anything PIL cannot read: empty, truncated, not an
+  image, larger than `Image.MAX_IMAGE_PIXELS` (PIL's decompression-bomb guard, left on), a pipe,
+  socket or device (which would block or never end), a dangling link.
+  """
+  if os.path.exists(path) and not os.path.isfile(path):
+    raise UnreadableImage(f'{path}: not a regular file (a pipe, socket or device): not read')
+  try:
+    with Image.open(path) as img:
+      plain_jpeg = (img.format == 'JPEG' and img.mode == 'RGB'
+                    and img.getexif().get(_EXIF_ORIENTATION, 1) == 1)
+      upright = ImageOps.exif_transpose(img)  # decodes the whole file, so truncation raises here
+      if upright.mode in _WIDE_GREY_MODES:
+        grey = np.rint(np.asarray(upright, np.float64) / 257.0)
+        upright = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+      return np.asarray(upright.convert('RGB')), plain_jpeg
+  # PIL raises many unrelated types for bad files (OSError, ValueError, SyntaxError, struct.error,
+  # DecompressionBombError, ...): all mean the same to a caller.
+  except Exception as e:  # pylint: disable=broad-except
+    raise UnreadableImage(f'{path}: cannot read the image ({type(e).__name__}: {e})') from e
+
+
+def read_rgb(path) -> np.ndarray:
+  """An image file -> `(H, W, 3)` uint8 RGB, upright (see `read_photo`)."""
+  return read_photo(path)[0]
+
+
+def list_images(folder):
+  """Image files under `folder` (by extension, any case), walked recursively and sorted."""
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    found += [os.path.join(root, f) for f in sorted(files)
+              if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+  return found

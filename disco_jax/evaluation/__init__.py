@@ -1,0 +1,1 @@
+"""Evaluation of a trained colorizer: the metrics and the loop over an evaluation split."""

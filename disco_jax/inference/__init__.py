@@ -1,0 +1,1 @@
+"""Colorizing photos with a trained model: the Python API and the command line."""

@@ -1,0 +1,1 @@
+"""Hand-tuned custom VJPs for XLA:CPU, apart from the layers that use them."""

@@ -1,0 +1,1 @@
+"""Pure jnp maths: colour (Lab, gamut, ab bins), superpixel pooling and diffusion, anchors."""

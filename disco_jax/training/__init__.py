@@ -1,0 +1,1 @@
+"""Training: the trainer loop, the two stages (tasks), losses, optimizer, mesh, checkpoints, logs."""
