@@ -1,4 +1,6 @@
 """Test set-up: four virtual CPU devices (for the sharded tests) and the parity fixtures' folder."""
+import functools
+import importlib.util
 import os
 import pathlib
 
@@ -14,6 +16,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 def parity_dir() -> pathlib.Path:
   """DISCO_PARITY_DIR, or `../shared/parity` beside the repository."""
   return pathlib.Path(os.environ.get('DISCO_PARITY_DIR', REPO.parent / 'shared' / 'parity'))
+
+
+@functools.cache
+def make_state_dict(folder, seed):
+  """`make_state_dict.py`'s official-layout synthetic weights for `seed` (cached: do not mutate)."""
+  spec = importlib.util.spec_from_file_location('make_state_dict', folder / 'make_state_dict.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.make_state_dict(str(folder / 'official_keys.tsv'), seed=seed)
 
 
 @pytest.fixture(scope='session')

@@ -5,8 +5,6 @@ official path (about 10-30x the observed error, to allow for other conv/matmul a
 1e-5 for pixel and token stages, 5e-5 for transformer outputs, logits and `diffused`, rtol 1e-5 for
 the losses. Every `case_*.npz` in the folder is checked, whatever its size, batch or weight seed.
 """
-import functools
-import importlib.util
 import re
 
 import jax
@@ -15,7 +13,7 @@ import pytest
 
 from disco_jax import parity
 from disco_jax.weights import convert
-from tests.conftest import parity_dir
+from tests.conftest import make_state_dict, parity_dir
 
 TIGHT = ('assoc', 'features', 'tokens', 'spix_ab', 'conf_sum', 'spix_size', 'pos', 'hint_emb',
          'ab_pred')
@@ -28,17 +26,9 @@ def _cases():
       reason=f'no case_*.npz parity fixtures in {parity_dir()} (set DISCO_PARITY_DIR)'))]
 
 
-@functools.cache
-def _cached_state_dict(folder, seed):
-  spec = importlib.util.spec_from_file_location('make_state_dict', folder / 'make_state_dict.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.make_state_dict(str(folder / 'official_keys.tsv'), seed=seed)
-
-
 def _make_state_dict(folder, seed):
   """A fresh copy (tests mutate it) of the official-layout synthetic weights for `seed`."""
-  return dict(_cached_state_dict(folder, seed))
+  return dict(make_state_dict(folder, seed))
 
 
 @pytest.fixture(scope='module')

@@ -28,7 +28,9 @@ from disco_jax.models.transformer import Encoder, sine_position_encoding
 from disco_jax.ops import anchors, colour, superpixel
 
 COLOUR_SOURCES = ('gt', 'mode')
-DTYPES = ('float32', 'bfloat16')  # config.model.dtype: compute dtype of convolutions and matmuls
+# config.model.dtype: compute dtype of convolutions and matmuls. float64 (with jax_enable_x64) is
+# for parity checks against the official model's float64 runs (disco_jax/parity.py), not training.
+DTYPES = ('float32', 'bfloat16', 'float64')
 
 
 class DISCO(nn.Module):
@@ -44,7 +46,8 @@ class DISCO(nn.Module):
   num_anchors: int = 8
   random_anchors: bool = False  # DISCO-rand: anchor sites drawn uniformly instead of by k-means
   # Compute dtype of convolutions and matmuls (jnp.bfloat16: mixed precision). Parameters stay
-  # float32, and so do BatchNorm statistics, softmaxes, superpixel pooling, k-means and outputs.
+  # float32, and so do BatchNorm statistics, softmaxes, superpixel pooling, k-means and outputs
+  # (float64 throughout with jnp.float64: see `layers.at_least_float32`).
   dtype: Any = jnp.float32
   # Training: the backbone and RefineNet keep only block outputs for the backward pass.
   remat: bool = False
@@ -72,10 +75,11 @@ class DISCO(nn.Module):
     hint image or anything at test, where only its superpixel means are used).
     """
     superpixel.check_size(*gray.shape[1:3])
+    out_dtype = layers.at_least_float32(self.dtype)
     # SPixNet is frozen: running statistics, and no gradient reaches it.
     assoc = jax.lax.stop_gradient(self.segnet(gray, train=False))  # (B, H, W, 9)
-    features = self.repnet(gray, train).astype(jnp.float32)  # (B, H, W, d)
-    pooled, conf_sum = superpixel.pool(jnp.concatenate([features, ab.astype(jnp.float32)], -1),
+    features = self.repnet(gray, train).astype(out_dtype)  # (B, H, W, d)
+    pooled, conf_sum = superpixel.pool(jnp.concatenate([features, ab.astype(out_dtype)], -1),
                                        assoc)
     tokens, spix_ab = pooled[..., :-2], pooled[..., -2:]
     pos = sine_position_encoding(tokens.shape[1], tokens.shape[2], self.d_model)
@@ -83,7 +87,7 @@ class DISCO(nn.Module):
     return dict(assoc=assoc, features=features, tokens=tokens, spix_ab=spix_ab,
                 conf_sum=conf_sum, spix_size=superpixel.spixel_size(assoc), pos=pos,
                 modeler_out=modeler_out,
-                modeler_logits=self.mid_word_prj(modeler_out).astype(jnp.float32))
+                modeler_logits=self.mid_word_prj(modeler_out).astype(out_dtype))
 
   def decode(self, gray, enc, anchor_mask, anchor_label, train: bool = False):
     """Colour generator and RefineNet given anchors.
@@ -91,13 +95,14 @@ class DISCO(nn.Module):
     anchor_mask `(B, h, w)` (1 at anchors), anchor_label `(B, h, w)` int bins, read only at anchors.
     """
     tokens = enc['tokens']
+    out_dtype = layers.at_least_float32(self.dtype)
     mask = anchor_mask.astype(tokens.dtype)[..., None]  # (B, h, w, 1)
     hint = jax.nn.one_hot(anchor_label, colour.NUM_BINS, dtype=tokens.dtype) * mask
-    hint_emb = self.trg_word_emb(jnp.concatenate([tokens, hint, mask], -1)).astype(jnp.float32)
+    hint_emb = self.trg_word_emb(jnp.concatenate([tokens, hint, mask], -1)).astype(out_dtype)
     generator_out = self.hintpath(hint_emb, enc['pos'], train)
     diffused = superpixel.diffuse(generator_out, enc['assoc'])
     return dict(hint_emb=hint_emb, generator_out=generator_out,
-                generator_logits=self.trg_word_prj(generator_out).astype(jnp.float32),
+                generator_logits=self.trg_word_prj(generator_out).astype(out_dtype),
                 diffused=diffused,
                 ab_pred=self.enhanceNet(gray, diffused, train))
 
@@ -112,19 +117,25 @@ class DISCO(nn.Module):
                                   self.num_anchors)
 
   def __call__(self, gray, ab, train: bool = False, test_mode: bool = False,
-               colours: str = 'gt'):
+               colours: str = 'gt', anchor_mask=None, anchor_label=None):
     """The full forward: returns every stage of `encode` and `decode` plus the anchors.
 
     test_mode: where to cluster (False: GT superpixel colours, as training; True: the modeler's
       features, as inference). colours: 'gt' labels anchors with the nearest bin of their
       superpixel's mean `ab` (training, and user edits at test); 'mode' with the modeler's most
       probable bin (automatic colorization).
+    anchor_mask `(B, h, w)`, optional: given anchors; the anchor search (and its rng) is skipped.
+    anchor_label `(B, h, w)` int, optional: given labels of every token, in place of `colours`
+      (the parity fixtures give both, `disco_jax/parity.py`).
     """
     if colours not in COLOUR_SOURCES:
       raise ValueError(f'colours must be one of {COLOUR_SOURCES}, got {colours!r}')
     enc = self.encode(gray, ab, train)
-    anchor_mask = self.locate_anchors(enc, test_mode)
-    if colours == 'gt':
+    if anchor_mask is None:
+      anchor_mask = self.locate_anchors(enc, test_mode)
+    if anchor_label is not None:
+      anchor_label = jnp.asarray(anchor_label, jnp.int32)
+    elif colours == 'gt':
       anchor_label = colour.nearest_bin(jax.lax.stop_gradient(enc['spix_ab']))
     else:
       anchor_label = anchors.mode_labels(enc['modeler_logits'])

@@ -25,6 +25,12 @@ xavier_uniform = nn.initializers.xavier_uniform()
 _DN = cpu.DIMENSION_NUMBERS
 
 
+def at_least_float32(dtype):
+  """The dtype of statistics, softmaxes and outputs for compute `dtype`: float32 for float32 and
+  bfloat16, float64 for float64 (parity runs under jax_enable_x64 must not drop to float32)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def torch_bias_init(fan_in: int) -> Callable:
   """PyTorch's default bias initialiser: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / np.sqrt(fan_in)
@@ -144,7 +150,7 @@ class BatchNorm(nn.Module):
 
   Under `jax.jit` with the batch sharded over devices, the means below are global, so the
   statistics are synchronised across devices like SyncBatchNorm without any axis name.
-  Statistics are computed in float32 whatever the activation dtype.
+  Statistics are computed in float32 whatever the activation dtype (float64 for float64).
   """
   momentum: float = 0.1  # PyTorch convention: new = (1 - m) old + m batch
   eps: float = 1e-5
@@ -156,8 +162,9 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,))
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    stat_dtype = at_least_float32(x.dtype)
     if train:
-      xf = x.astype(jnp.float32)
+      xf = x.astype(stat_dtype)
       mean = jnp.mean(xf, axis=(0, 1, 2))
       var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
       if not self.is_initializing():
@@ -168,9 +175,9 @@ class BatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.eps)
-    if x.dtype != jnp.float32:
+    if x.dtype != stat_dtype:
       # x * mul - mean * mul cancels badly in bf16 when |mean| >> std: normalise in float32.
-      return ((x.astype(jnp.float32) - mean) * mul + bias).astype(x.dtype)
+      return ((x.astype(stat_dtype) - mean) * mul + bias).astype(x.dtype)
     return x * mul + (bias - mean * mul)
 
 

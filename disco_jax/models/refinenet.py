@@ -74,4 +74,4 @@ class RefineNet(nn.Module):
       x = _ResidualBlock(name=f'residual_{i}')(x, train)
     x = _UpBlock(2 * w, name='up2')(x, x1, train)
     x = _UpBlock(w, name='up1')(x, x0, train)
-    return jnp.tanh(layers.Conv(2, name='outConv')(x).astype(jnp.float32))
+    return jnp.tanh(layers.Conv(2, name='outConv')(x).astype(layers.at_least_float32(self.dtype)))

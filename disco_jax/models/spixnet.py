@@ -42,4 +42,4 @@ class SPixNet(nn.Module):
       x = self._conv(jnp.concatenate([skips[level], up], -1), w << level, f'conv{level}_1', train)
     logits = layers.Conv(NUM_NEIGHBOURS, kernel_init=nn.initializers.he_normal(),
                          name='pred_mask0')(x)
-    return nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return nn.softmax(logits.astype(layers.at_least_float32(self.dtype)), axis=-1)

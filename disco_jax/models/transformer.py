@@ -16,14 +16,23 @@ def sine_position_encoding(h, w, d_model=64, temperature=10000.0):
   """DETR's normalised 2-D sine encoding `(h, w, d_model)`: first half y, second half x.
 
   Positions run from 1 to n and are scaled to (0, 2 pi], so any grid size spans the same range.
+  The arithmetic is float32 step by step, as the official code's (a float32 encoding even in a
+  float64 model): positions, frequencies and angles are rounded where torch rounds them, and only
+  sin/cos (correctly rounded here) may still differ from torch's by 1 ulp. With synthetic weights
+  the training gradient is so ill-conditioned that 1 ulp here moves it by ~1e-7 relative
+  (tests/test_train_parity.py).
   """
   half = d_model // 2
   i = np.arange(half)
-  dim_t = temperature ** (2 * (i // 2) / half)  # (half,), pairs of equal frequencies
+  exponent = np.float32(2) * (i // 2).astype(np.float32) / np.float32(half)
+  # (half,), pairs of equal frequencies: float64 pow rounded to float32 matched the official
+  # encoding in more entries than numpy's float32 pow
+  dim_t = (np.float64(temperature) ** exponent.astype(np.float64)).astype(np.float32)
 
   def axis(n):
-    e = np.arange(1, n + 1, dtype=np.float32) / (n + 1e-6) * 2 * np.pi
-    ang = e[:, None] / dim_t  # (n, half)
+    e = np.arange(1, n + 1, dtype=np.float32)
+    e = e / (e[-1] + np.float32(1e-6)) * np.float32(2 * np.pi)
+    ang = (e[:, None] / dim_t).astype(np.float64)  # (n, half), float32 division
     return np.where(i % 2 == 0, np.sin(ang), np.cos(ang)).astype(np.float32)
 
   y = np.broadcast_to(axis(h)[:, None, :], (h, w, half))
@@ -59,7 +68,8 @@ class SelfAttention(nn.Module):
     split = lambda t: t.reshape(b, length, self.num_heads, head)  # (B, L, heads, head)
     q, k = split(qk[..., :d]), split(qk[..., d:])
     scores = jnp.einsum('bqhc,bkhc->bhqk', q * head ** -0.5, k)
-    probs = nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+    probs = nn.softmax(scores.astype(layers.at_least_float32(self.dtype)), axis=-1)
+    probs = probs.astype(self.dtype)
     probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
     out = jnp.einsum('bhqk,bkhc->bqhc', probs, split(v)).reshape(b, length, d)
     return _linear(d, d, 'out_proj', self.dtype, zero_bias=True)(out)
@@ -102,4 +112,4 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       x = layers.block_output(EncoderLayer(self.num_heads, self.ffn_dim, self.dropout, self.dtype,
                                            name=f'layers_{i}')(x, pos, train))
-    return x.reshape(b, h, w, d).astype(jnp.float32)
+    return x.reshape(b, h, w, d).astype(layers.at_least_float32(self.dtype))

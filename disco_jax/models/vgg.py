@@ -60,7 +60,8 @@ def preprocess(rgb, mode):
   BGR pixel mean, no scaling.
   """
   check_mode(mode, 'preprocess')
-  rgb = jnp.asarray(rgb, jnp.float32)
+  rgb = jnp.asarray(rgb)
+  rgb = rgb.astype(layers.at_least_float32(rgb.dtype))  # float64 stays float64 (parity checks)
   if mode == 'torch':
     return (rgb - jnp.array(_TORCH_MEAN)) / jnp.array(_TORCH_STD)
   return rgb[..., ::-1] * 255.0 - jnp.array(_CAFFE_MEAN_BGR)
@@ -88,8 +89,8 @@ def perceptual_loss(params, mode, rgb_pred, rgb_gt, dtype=jnp.float32, remat=Fal
   # would run the whole VGG over the ground-truth half too, only to produce zeros.
   pred = net(preprocess(rgb_pred, mode))
   truth = net(jax.lax.stop_gradient(preprocess(rgb_gt, mode)))
-  loss = jnp.zeros((), jnp.float32)
+  total = layers.at_least_float32(dtype)  # float32 distances for bfloat16, float64 for float64
+  loss = jnp.zeros((), total)
   for weight, fp, ft in zip(LAYER_WEIGHTS, pred, truth):
-    loss += weight * jnp.mean(jnp.abs(fp.astype(jnp.float32)
-                                      - jax.lax.stop_gradient(ft).astype(jnp.float32)))
+    loss += weight * jnp.mean(jnp.abs(fp.astype(total) - jax.lax.stop_gradient(ft).astype(total)))
   return loss

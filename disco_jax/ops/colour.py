@@ -190,7 +190,11 @@ def class_weights(colorfulness=0.5):
   """
   if not 0.0 <= colorfulness <= 1.0:
     raise ValueError(f'colorfulness must lie in [0, 1], got {colorfulness}')
-  prior = bin_priors()
-  lam = 1.0 - colorfulness
-  w = 1.0 / ((1.0 - lam) * prior + lam / NUM_BINS)
-  return (w / np.sum(prior * w)).astype(np.float32)
+  # In float32 arithmetic, as the official code computes them (`ColorLabel`, a float32 prior): the
+  # float64 formula rounded to float32 differs by up to 1 ulp in some bins, which the official
+  # model's float64 training gradient shows (tests/test_train_parity.py).
+  prior = bin_priors().astype(np.float32)
+  lam = np.float32(1.0 - colorfulness)
+  uniform = np.float32(1.0) / np.float32(NUM_BINS)
+  w = np.float32(1.0) / ((np.float32(1.0) - lam) * prior + lam * uniform)
+  return w / np.sum(prior * w)

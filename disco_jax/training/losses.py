@@ -9,7 +9,8 @@ from disco_jax.weights import vgg19
 
 def cross_entropy(logits, labels):
   """Per-token cross-entropy `(...)` from logits `(..., Q)` and int labels `(...)`."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  # At least float32 (bfloat16 logits), and float64 stays float64 (parity runs).
+  logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
   return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 

@@ -126,9 +126,12 @@ class DiscoTask:
     return variables
 
   def loss(self, params, model_state, batch, rng, train):
+    """(total, (terms, new model state, outputs)). `batch` may also give `anchor_mask` `(B, h, w)`
+    and `anchor_label` `(B, h, w)` in place of the k-means anchors and GT labels (parity checks)."""
     k_drop, k_anchor = jax.random.split(rng)
     out, new_state = self.model.apply(
         {'params': params, **model_state}, batch['gray'], batch['ab'], train=train,
+        anchor_mask=batch.get('anchor_mask'), anchor_label=batch.get('anchor_label'),
         rngs={'dropout': k_drop, 'anchors': k_anchor}, mutable=list(self.mutable))
     total, terms = losses.disco_loss(out, batch['gray'], batch['ab'], self.class_weights,
                                      self.vgg_params, self.vgg_mode, self.perceptual_weight,

@@ -77,6 +77,64 @@ def _map_entry(name, value):
   return 'unknown', path + (leaf,), value
 
 
+def _torch_module_name(path):
+  """Inverse of `_flax_module_path`: ('enhanceNet', 'residual_0', 'conv_1') ->
+  'enhanceNet.residual.0.conv.1'. A token's trailing `_<digits>` is the index merged into it (at
+  most one per token in this model, checked on every official key by tests/test_train_parity.py);
+  names that end in digits themselves keep them (`conv1_2_0` -> `conv1_2.0`).
+  """
+  tokens = []
+  for token in path:
+    match = re.fullmatch(r'(.+)_(\d+)', token)
+    tokens.extend(match.groups() if match else (token,))
+  return '.'.join(tokens)
+
+
+_BUFFER_LEAVES = ('running_mean', 'running_var', 'weight_u', 'weight_v')  # not parameters
+
+
+def state_dict_from_variables(variables):
+  """Flax variables -> official state dict {name: numpy array in torch's layout}: the inverse of
+  `variables_from_state_dict` (without `num_batches_tracked`, which the model does not track).
+
+  `variables` may hold any of 'params', 'batch_stats', 'spectral', or a tree of the same structure
+  in their place (gradients as 'params'). A 4-D kernel is a spectral-norm `weight_orig` exactly
+  where 'spectral' holds the module's u, so pass 'spectral' with gradients of such kernels.
+  """
+  flat = flax.traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, dict(variables)))
+  spectral = {k[1:-1] for k in flat if k[0] == 'spectral'}
+  out = {}
+  for (collection, *path, leaf), value in flat.items():
+    path = tuple(path)
+    if collection == 'spectral':
+      leaf = {'u': 'weight_u', 'v': 'weight_v'}[leaf]
+      if leaf == 'weight_v':  # ours flattens the kernel as (kh, kw, I), torch as (I, kh, kw)
+        value = value.reshape(3, 3, -1).transpose(2, 0, 1).reshape(-1)
+    elif collection == 'batch_stats':
+      leaf = {'mean': 'running_mean', 'var': 'running_var'}[leaf]
+    elif collection != 'params':
+      raise ValueError(f'unknown variable collection {collection!r}')
+    elif leaf == 'kernel' and value.ndim == 4:
+      if re.fullmatch(r'deconv\d+_0', path[-1]):
+        leaf, value = 'weight', value.transpose(2, 3, 0, 1)
+      else:
+        leaf, value = ('weight_orig' if path in spectral else 'weight'), value.transpose(3, 2, 0, 1)
+    elif leaf in ('kernel', 'in_proj_kernel'):
+      leaf, value = leaf.replace('kernel', 'weight'), value.T
+    elif leaf == 'scale':
+      leaf = 'weight'
+    elif leaf not in ('bias', 'in_proj_bias'):
+      raise ValueError(f'no official name for {collection}/{"/".join(path)}/{leaf}')
+    name = f'{_torch_module_name(path)}.{leaf}'
+    out['segnet.net.' + name[len('segnet.'):] if name.startswith('segnet.') else name] = value
+  return out
+
+
+def is_buffer(name):
+  """Whether an official state-dict name is a buffer (BatchNorm statistics, spectral-norm u/v)."""
+  return name.rsplit('.', 1)[-1] in _BUFFER_LEAVES + _IGNORED_LEAVES
+
+
 def _strip_prefixes(state_dict, spixnet_only):
   out = {}
   for name, value in state_dict.items():
