@@ -13,7 +13,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from disco_jax.data import folder, pipeline
+from disco_jax.data import folder as folder_lib
+from disco_jax.data import pipeline
 from disco_jax.ops import colour
 from tests import lab_reference
 
@@ -89,7 +90,7 @@ def _offline(monkeypatch):
 
 
 def test_folder_skips_counts_and_names_unreadable_files(photos, data_dir):
-  report = folder.prepare_folder(str(photos), str(data_dir))
+  report = folder_lib.prepare_folder(str(photos), str(data_dir))
   assert report.num_images == NUM_GOOD
   assert sorted(os.path.basename(p) for p, _ in report.skipped) == ['notes.png', 'trunc.jpg']
   assert all(reason for _, reason in report.skipped)
@@ -102,14 +103,14 @@ def test_folder_warns_once_and_reprepares_when_changed(photos, tmp_path, caplog)
   for name in ('a0.jpg', 'd3.png', 'notes.png'):
     shutil.copy(photos / name, folder / name)
   with caplog.at_level('WARNING'):
-    first = folder.prepare_folder(str(folder), str(tmp_path / 'tfds'))
+    first = folder_lib.prepare_folder(str(folder), str(tmp_path / 'tfds'))
   assert 'skipped 1 unreadable files' in caplog.text and 'notes.png' in caplog.text
   caplog.clear()
   with caplog.at_level('WARNING'):
-    again = folder.prepare_folder(str(folder), str(tmp_path / 'tfds'))
+    again = folder_lib.prepare_folder(str(folder), str(tmp_path / 'tfds'))
   assert again == first and 'skipped' not in caplog.text  # reused, not prepared twice
   shutil.copy(photos / 'h7.png', folder / 'h7.png')
-  changed = folder.prepare_folder(str(folder), str(tmp_path / 'tfds'))
+  changed = folder_lib.prepare_folder(str(folder), str(tmp_path / 'tfds'))
   assert changed.data_dir != first.data_dir and changed.num_images == first.num_images + 1
 
 
@@ -222,9 +223,9 @@ def test_empty_or_missing_folder_fails_naming_it(photos, tmp_path):
   bad.mkdir()
   shutil.copy(photos / 'notes.png', bad / 'notes.png')
   with pytest.raises(ValueError, match=str(bad)):
-    folder.prepare_folder(str(bad), str(tmp_path / 'tfds'))
+    folder_lib.prepare_folder(str(bad), str(tmp_path / 'tfds'))
   with pytest.raises(FileNotFoundError, match=str(tmp_path / 'absent')):
-    folder.prepare_folder(str(tmp_path / 'absent'), str(tmp_path / 'tfds'))
+    folder_lib.prepare_folder(str(tmp_path / 'absent'), str(tmp_path / 'tfds'))
 
 
 def test_unprepared_tfds_datasets_fail_fast_offline(tmp_path, monkeypatch):

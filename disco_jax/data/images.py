@@ -33,7 +33,8 @@ def read_photo(path):
   socket or device (which would block or never end), a dangling link.
   """
   if os.path.exists(path) and not os.path.isfile(path):
-    raise UnreadableImage(f'{path}: not a regular file (a pipe, socket or device): not read')
+    raise UnreadableImage(f'{path}: cannot read the image (not a regular file but a pipe, socket '
+                          'or device, which would block or never end)')
   try:
     with Image.open(path) as img:
       plain_jpeg = (img.format == 'JPEG' and img.mode == 'RGB'
