@@ -1,7 +1,7 @@
 """The anchor-editing web page (python -m disco_jax.app) in a real headless Chromium.
 
-A tiny random model (test_colorize's `tiny` fixture) serves on a free localhost port. Its colours mean
-nothing, so the browser cases check the page against the colorize library: the anchor a click
+A tiny random model (test_colorize's `tiny` fixture) serves on a free localhost port. Its colours
+mean nothing, so the browser cases check the page against the colorize library: the anchor a click
 picks is the one under it, and the page's edited result and full-size download are exactly what
 `colorize_arrays` gives for that anchor and colour. The bad-upload cases run without a browser too.
 """
@@ -48,7 +48,7 @@ def _png_bytes(img, **kw):
 
 # ----------------------------------------------------------------------------- bad uploads
 
-# name -> (the file's bytes, words of the message); made when a test asks (the 100 MP one takes ~3 s).
+# name -> (the file's bytes, words of the message); made when a test asks (100 MP takes ~3 s).
 BAD_UPLOADS = {
     'not_an_image.jpg': (lambda: b'this is text, not a photo', 'cannot read the image'),
     'truncated.png': (lambda: _png_bytes(Image.fromarray(_photo(64, 64)))[:2000],
@@ -126,7 +126,7 @@ def browser():
 
 
 def _wait(browser, condition, what, timeout=150):
-  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=import-outside-toplevel
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
   try:
     return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda b: condition(b))
   except Exception as e:
@@ -146,7 +146,7 @@ def _data_url_image(url):
   return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(',', 1)[1]))).convert('RGB'))
 
 
-def test_click_an_anchor_set_its_colour_and_download(app_url, browser, tiny, tmp_path):
+def test_click_an_anchor_set_its_colour_and_download(browser, app_url, tiny, tmp_path):
   model, variables, _ = tiny
   photo = _photo(800, 1200)  # above the page's preview size, so downloads are recomposed
   Image.fromarray(photo).save(tmp_path / 'photo.png')
@@ -163,8 +163,9 @@ def test_click_an_anchor_set_its_colour_and_download(app_url, browser, tiny, tmp
   scale = img.size['width'] / pw
   cx = (cells[target][1] + 0.5) * superpixel.STRIDE * pw / PAGE_SIZE * scale
   cy = (cells[target][0] + 0.5) * superpixel.STRIDE * ph / PAGE_SIZE * scale
-  from selenium.webdriver.common.action_chains import ActionChains  # pylint: disable=import-outside-toplevel
-  ActionChains(browser).move_to_element_with_offset(
+  # Imported here: without selenium the browser fixture has already skipped this test.
+  from selenium.webdriver.common import action_chains  # pylint: disable=g-import-not-at-top
+  action_chains.ActionChains(browser).move_to_element_with_offset(
       img, int(cx - img.size['width'] / 2), int(cy - img.size['height'] / 2)).click().perform()
   _wait(browser, lambda b: b.find_element('id', 'selected').get_attribute('data-anchor')
         == str(target), f'anchor {target} to be picked')
@@ -202,7 +203,7 @@ def test_click_an_anchor_set_its_colour_and_download(app_url, browser, tiny, tmp
   assert np.max(np.abs(lightness(full) - lightness(photo))) <= L_TOL
 
 
-def test_a_bad_upload_shows_a_message_and_the_next_photo_colorizes(app_url, browser, tmp_path):
+def test_a_bad_upload_shows_a_message_and_the_next_photo_colorizes(browser, app_url, tmp_path):
   bad = tmp_path / 'holiday.jpg'
   bad.write_bytes(b'not a photo at all')
   good = tmp_path / 'good.png'
@@ -217,3 +218,26 @@ def test_a_bad_upload_shows_a_message_and_the_next_photo_colorizes(app_url, brow
   _wait(browser, lambda b: _version(b) == 1, 'the colorization after the bad file')
   assert browser.find_element('id', 'message').text.startswith('done in')
   assert len(browser.find_elements('css selector', 'img.result')) == 1
+
+
+def test_three_alternatives_carry_the_edit_and_download_each(tiny):
+  model, variables, _ = tiny
+  app = server.App(model, variables)
+  photo = _photo(120, 180, seed=5)
+  pid = app.upload(_png_bytes(Image.fromarray(photo)), 'p.png')['id']
+  hints = [{'anchor': 2, 'rgb': list(EDIT_RGB)}]
+  answer = app.colorize({'id': pid, 'anchors': PAGE_ANCHORS, 'size': PAGE_SIZE, 'diverse': True,
+                         'hints': hints})
+  expected = colorize.colorize_arrays(model.clone(num_anchors=PAGE_ANCHORS), variables, [photo],
+                                      PAGE_SIZE, jax.random.key(PAGE_SEED), 3, [hints])[0]
+  assert len(answer['results']) == 3
+  for j in range(3):
+    name, png = app.download(pid, str(j))
+    assert name == f'p_colorized{j}.png'
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), expected.images[j])
+  with pytest.raises(server.PageError, match='alt: 3 must be in 0..2'):
+    app.download(pid, '3')
+  with pytest.raises(server.PageError, match='anchors: 15 must be in 3..14'):
+    app.colorize({'id': pid, 'anchors': 15})
+  with pytest.raises(server.PageError, match='anchor indices must be in 0..7'):
+    app.colorize({'id': pid, 'anchors': PAGE_ANCHORS, 'hints': [{'anchor': 8, 'rgb': [0] * 3}]})

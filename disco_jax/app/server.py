@@ -58,7 +58,7 @@ def read_upload(data: bytes, name: str) -> np.ndarray:
   """Uploaded bytes -> `(H, W, 3)` uint8 RGB through the one photo reader; raises PageError."""
   if not data:
     raise PageError(f'{name}: the file is empty')
-  # read_photo takes a path (it refuses pipes and devices by looking at it), so the bytes go to disk.
+  # read_photo takes a path (it looks at it to refuse pipes and devices): the bytes go to disk.
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, os.path.basename(name) or 'upload')
     with open(path, 'wb') as f:
@@ -182,8 +182,7 @@ class App:
     cells = colorize.anchor_cells(res.anchor_mask)
     return {'results': [png_data_url(colorize.draw_anchors(im, res.anchor_mask, size))
                         for im in res.images],
-            'cells': cells.tolist(), 'size': size, 'seconds': round(seconds, 3),
-            'colours': [self._cell_colour(res.images[0], cell, size).tolist() for cell in cells]}
+            'cells': cells.tolist(), 'size': size, 'seconds': round(seconds, 3)}
 
   @staticmethod
   def _cell_colour(rgb, cell, size):
@@ -211,14 +210,13 @@ class App:
       raise PageError(str(e)) from e
     return {'anchor': i, 'rgb': self._cell_colour(res.images[0], cells[i], size).tolist()}
 
-  def download(self, pid: str, alt: int):
+  def download(self, pid: str, alt: str):
     """(file name, PNG bytes) of the last result's alternative `alt` at full resolution."""
     photo = self._photo({'id': pid})
     if pid not in self.results:
       raise PageError('nothing colorized yet for that photo')
     res = self.results[pid][1]
-    if not 0 <= alt < len(res.images):
-      raise PageError(f'alt: {alt} must be in 0..{len(res.images) - 1}')
+    alt = _int_field({'alt': alt}, 'alt', 0, 0, len(res.images) - 1)
     buf = io.BytesIO()
     Image.fromarray(full_resolution(photo.full, res.images[alt])).save(buf, format='PNG')
     stem = os.path.splitext(os.path.basename(photo.name))[0] or 'photo'
@@ -247,10 +245,15 @@ def make_handler(app: App):
     def _json(self, code, obj):
       self._send(code, json.dumps(obj).encode(), 'application/json')
 
-    def _answer(self, work):
-      """Run `work()` and send its JSON, or the error the page shows; never let one escape."""
+    def _answer(self, work, send=None):
+      """Run `work()` and send its JSON (or `send` its result), or the error the page shows; never
+      let one escape."""
       try:
-        self._json(200, work())
+        result = work()
+        if send:
+          send(result)
+        else:
+          self._json(200, result)
       except PageError as e:
         self._json(400, {'error': str(e)})
       except Exception as e:  # pylint: disable=broad-except
@@ -281,13 +284,10 @@ def make_handler(app: App):
           self._send(200, f.read(), 'text/html; charset=utf-8')
       elif url.path == '/download':
         query = urllib.parse.parse_qs(url.query)
-        try:
-          name, png = app.download(query.get('id', [''])[0], int(query.get('alt', ['0'])[0]))
-        except (PageError, ValueError) as e:
-          self._json(400, {'error': str(e)})
-          return
-        self._send(200, png, 'image/png',
-                   [('Content-Disposition', f'attachment; filename="{name}"')])
+        send = lambda named: self._send(200, named[1], 'image/png', [
+            ('Content-Disposition', f'attachment; filename="{named[0]}"')])
+        self._answer(lambda: app.download(query.get('id', [''])[0], query.get('alt', ['0'])[0]),
+                     send)
       else:
         self._json(404, {'error': f'{url.path}: no such page'})
 
