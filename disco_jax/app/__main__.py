@@ -1,0 +1,5 @@
+import sys
+
+from disco_jax import app
+
+sys.exit(app.main())
