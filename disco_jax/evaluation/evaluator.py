@@ -130,6 +130,7 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   report.update(
       num_images=count, num_anchors=config.model.num_anchors, seed=seed, split=split,
       dataset=config.input.dataset, resolution=config.input.image_size, step=step,
+      **({'folder': config.input.folder} if config.input.dataset == 'folder' else {}),
       colours='automatic: k-means on modeler features, most likely bins')
   (epath.Path(out_dir) / 'metrics.json').write_text(json.dumps(report, indent=2))
   writer = writers.MetricWriter(out_dir)
