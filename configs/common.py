@@ -15,6 +15,9 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   config.task = task  # 'spixnet' (stage 1) or 'disco' (stage 2)
   config.variant = variant  # the variant the config file was loaded with, for the record
   config.seed = 0  # parameters, data order, dropout and anchors all derive from it
+  config.init_from = ''  # weights a NEW run starts from (fine-tuning): an official DISCO or
+  # SPixelNet .pth/.pth.tar, or a converted .msgpack; fresh optimizer, step 0. '' = random init.
+  # A run resuming from its own checkpoint ignores it.
 
   config.input = ml_collections.ConfigDict()
   i = config.input

@@ -1,5 +1,5 @@
 """Imports flow one way: ops/kernels <- models/data <- weights <- training <- evaluation/inference
-<- parity/app, the package root <- entry points, tools and benchmarks.
+<- parity/app <- the package root and cli <- entry points, tools and benchmarks.
 
 Every module's imports are read (function-level ones included); a module may import its own
 subpackage and any subpackage of a lower layer, never one of its own layer or above. Nothing may
@@ -16,7 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layer of each part of disco_jax; higher layers may import lower ones.
 LAYERS = {'ops': 0, 'kernels': 0, 'models': 1, 'data': 1, 'weights': 2, 'training': 3,
-          'evaluation': 4, 'inference': 4, 'parity': 5, 'app': 5, '': 6}
+          'evaluation': 4, 'inference': 4, 'parity': 5, 'app': 5, '': 6, 'cli': 6}
 OUTSIDE = 7  # train.py, eval.py, tools/, bench/, tests/
 
 
@@ -124,7 +124,8 @@ def test_the_checker_allows_downward_and_same_package_imports():
   assert problems_of('tools.x', 'from disco_jax.models import disco\ndisco.DISCO()') == []
 
 
-@pytest.mark.parametrize('module', ['disco_jax.models.disco', 'disco_jax.inference.colorize'])
+@pytest.mark.parametrize('module', ['disco_jax', 'disco_jax.models.disco',
+                                    'disco_jax.inference.colorize', 'disco_jax.inference.api'])
 def test_the_model_and_the_colorize_api_import_no_tensorflow_tfds_or_orbax(module):
   code = (f'import sys, {module}\n'
           "heavy = sorted({m.split('.')[0] for m in sys.modules} & "

@@ -6,11 +6,13 @@ likely colours: the official inference), and reports PSNR and SSIM on RGB at the
 resolution, colorfulness and its gap to the ground truth, and FID when InceptionV3 weights are
 given. The last partial batch is padded and masked, never dropped.
 """
+import io
 import json
 import logging
 import math
 import os
 
+from etils import epath
 import jax
 import numpy as np
 from PIL import Image
@@ -47,17 +49,26 @@ def make_eval_fn(model, inception_variables=None):
   return fn
 
 
+def on_folder(config, folder):
+  """`config` evaluating every photo of `folder` (a directory of colour photos, made a TFDS
+  dataset under config.input.data_dir once) instead of its own evaluation split."""
+  config = config.copy_and_resolve_references()
+  config.input.update(dataset='folder', folder=str(folder), eval_split='train')
+  return config
+
+
 def evaluate_workdir(workdir, step=None, best=False, inception=None, num_images=8,
-                     max_batches=None, seed=130):
-  """Evaluates a run's checkpoint with its saved config; writes and returns the metrics."""
-  config, state = trainer.restore_trained(workdir, step, best)
+                     max_batches=None, seed=130, config=None, out_dir=None):
+  """Evaluates a run's checkpoint with its saved config (or `config`: that config with fields
+  changed); writes to `out_dir` (default `workdir/eval`) and returns the metrics."""
+  config, state = trainer.restore_trained(workdir, step, best, config)
   if config.task != 'disco':
     raise ValueError(f'{workdir} holds a {config.task} run; eval.py evaluates colorizers (stage 2)')
   # The step of the checkpoint read, which a damaged latest one may have made an earlier one.
   step = int(state.step)
   variables = {'params': state.params, **state.model_state}
-  return evaluate(config, variables, os.path.join(workdir, 'eval'), step, inception, num_images,
-                  max_batches, seed)
+  return evaluate(config, variables, out_dir or os.path.join(workdir, 'eval'), step, inception,
+                  num_images, max_batches, seed)
 
 
 def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8,
@@ -65,7 +76,8 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   """Evaluates `variables` of the model `config.model` on `config.input.eval_split`.
 
   Also serves imported official weights: `eval.py --variables disco.msgpack --config ...`.
-  Writes `out_dir/metrics.json`, TensorBoard scalars and PNGs; returns the metrics.
+  Writes `out_dir/metrics.json`, TensorBoard scalars and PNGs (through epath: `out_dir` may be a
+  gs:// path); returns the metrics.
   """
   model = disco.from_config(config.model)
   inception_variables, fid_note = None, None
@@ -83,8 +95,8 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   num_examples = pipeline.dataset_builder(config).info.splits[split].num_examples
   total = math.ceil(num_examples / config.input.global_batch_size)
   total = min(total, max_batches) if max_batches else total
-  image_dir = os.path.join(out_dir, 'images')
-  os.makedirs(image_dir, exist_ok=True)
+  image_dir = epath.Path(out_dir) / 'images'
+  image_dir.mkdir(parents=True, exist_ok=True)
   sums, count, written = {}, 0, 0
   stats = {k: metrics.FeatureStats() for k in ('pred', 'truth')} if inception else None
   progress = writers.Progress(total, 0)
@@ -101,7 +113,9 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
     for j in np.nonzero(mask)[0]:
       if written < num_images:
         row = writers.image_grid([[result['gray'][j], result['pred'][j], result['truth'][j]]])
-        Image.fromarray(row).save(os.path.join(image_dir, f'{written:04d}.png'))
+        png = io.BytesIO()
+        Image.fromarray(row).save(png, format='PNG')
+        (image_dir / f'{written:04d}.png').write_bytes(png.getvalue())
         written += 1
     logging.info('eval %s', progress.line(i + 1, {}, config.input.global_batch_size))
   if count == 0:
@@ -116,9 +130,9 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   report.update(
       num_images=count, num_anchors=config.model.num_anchors, seed=seed, split=split,
       dataset=config.input.dataset, resolution=config.input.image_size, step=step,
+      **({'folder': config.input.folder} if config.input.dataset == 'folder' else {}),
       colours='automatic: k-means on modeler features, most likely bins')
-  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  (epath.Path(out_dir) / 'metrics.json').write_text(json.dumps(report, indent=2))
   writer = writers.MetricWriter(out_dir)
   writer.write_scalars(int(step or 0), {k: v for k, v in report.items()
                                                    if isinstance(v, float)})

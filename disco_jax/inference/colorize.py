@@ -38,6 +38,8 @@ from disco_jax.ops import anchors, colour, superpixel
 
 ANCHOR_RANGE = (3, 14)  # the HF demo's clamp
 OFFICIAL_SEED = 130  # seed of the official inference script
+# The DISCO fields that set array shapes (a weights file must match them).
+SIZE_FIELDS = ('spix_width', 'backbone_width', 'refine_width', 'd_model', 'num_layers', 'ffn_dim')
 
 
 class Colorized(NamedTuple):
@@ -69,8 +71,10 @@ def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def to_work_size(rgb: np.ndarray, size: int):
-  """uint8 RGB `(H, W, 3)` -> full-res L `(H, W)`, work-size gray `(S, S, 1)` and ab_n `(S, S, 2)`."""
-  lab = colour.rgb_to_lab(rgb.astype(np.float32) / 255.0)  # (H, W, 3)
+  """RGB `(H, W, 3)`, uint8 or float in [0, 1] -> full-res L `(H, W)`, work-size gray `(S, S, 1)`
+  and ab_n `(S, S, 2)`."""
+  unit = rgb.astype(np.float32) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float32)
+  lab = colour.rgb_to_lab(unit)  # (H, W, 3)
   gray, ab = colour.normalise_lab(resize_bilinear(lab, size, size))
   return lab[..., 0], gray, ab
 
@@ -108,6 +112,19 @@ def _steps(model: disco.DISCO):
     return model.apply(variables, gray, enc, mask, label, method=disco.DISCO.decode)['ab_pred']
 
   return encode, decode
+
+
+def automatic_ab(model: disco.DISCO, variables, gray, key):
+  """Automatic colorization at the work size: gray `(B, S, S, 1)` -> ab_n `(B, S, S, 2)`.
+
+  What `colorize_arrays` computes without hints and with one alternative (k-means anchors with
+  `key`, the same for every image; the modeler's most likely bins), from `gray` alone: the ab
+  input of `encode` only feeds the superpixel colours that hints read. Jittable with a symbolic
+  batch size (`inference.export` serializes it).
+  """
+  encode, decode = _steps(model)
+  enc, mask = encode(variables, gray, jnp.zeros((*gray.shape[:3], 2), jnp.float32), key)
+  return decode(variables, gray, enc, mask, anchors.mode_labels(enc['modeler_logits']))
 
 
 def alternative_labels(logits, n: int, key):
@@ -189,7 +206,8 @@ def colorize_arrays(model: disco.DISCO, variables, rgb_list: Sequence[np.ndarray
                     size: int = 256, key=None, diverse: int = 1,
                     hints: Optional[Sequence[Sequence[dict]]] = None,
                     hint_rgb: Optional[Sequence[Optional[np.ndarray]]] = None) -> List[Colorized]:
-  """Colorize one batch of uint8 RGB images `(H_i, W_i, 3)` (colour inputs are used as their L).
+  """Colorize one batch of RGB images `(H_i, W_i, 3)`, uint8 or float in [0, 1] (colour inputs are
+  used as their L).
 
   size: work size, a multiple of 16. key: k-means key (default: the official seed 130). diverse:
   alternatives per image. hints[i]: hint entries for image i. hint_rgb[i]: a painted copy of image i
@@ -238,6 +256,31 @@ def list_inputs(path: str):
           for f, s in zip(found, stems)]
 
 
+def model_from_fields(fields: dict) -> disco.DISCO:
+  """The released DISCO with the given fields (e.g. `{"d_model": 32}`) changed."""
+  known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name'}
+  if set(fields) - known:
+    raise ValueError(f'unknown DISCO fields {sorted(set(fields) - known)}; known: '
+                     f'{sorted(known)}')
+  return disco.from_config({f: getattr(disco.DISCO(), f) for f in known} | dict(fields))
+
+
+def load_weights(path, fields: Optional[dict] = None):
+  """(DISCO, variables) from a weights file: a converted `.msgpack`, or an official `.pth`/`.pth.tar`
+  (read without torch) or `.npz`. Its sizes are the released model's unless `fields` give the DISCO
+  fields that differ; raises ValueError (or OSError) naming the file when its arrays do not fit."""
+  from disco_jax.weights import convert  # imported here: keeps this module's imports light
+  model = model_from_fields(fields or {})
+  variables = convert.import_variables(path, model)
+  expected = jax.eval_shape(lambda: disco.init_variables(model, 0))
+  shape = lambda t: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), t)
+  if shape(expected) != shape(variables):
+    sizes = {f: getattr(model, f) for f in SIZE_FIELDS}
+    raise ValueError(f'{path}: its arrays do not fit the model sizes {sizes}; give the sizes it '
+                     'was trained with (--model JSON, or model= in the Python API)')
+  return model, variables
+
+
 def load_model(args):
   """(DISCO, variables) from --workdir or --variables [+ --model]; raises ValueError/OSError."""
   if args.workdir:
@@ -245,7 +288,6 @@ def load_model(args):
     config, variables = trainer.load_trained(args.workdir)
     model = disco.from_config(config.model)
   else:
-    from disco_jax.weights import convert
     fields = {}
     if args.model:
       text = args.model
@@ -256,19 +298,7 @@ def load_model(args):
         fields = json.loads(text)
       except json.JSONDecodeError as e:
         raise ValueError(f'--model {args.model}: not JSON nor a JSON file ({e})') from e
-    known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name'}
-    if set(fields) - known:
-      raise ValueError(f'--model: unknown fields {sorted(set(fields) - known)}; known: '
-                       f'{sorted(known)}')
-    model = disco.from_config(
-        {f: getattr(disco.DISCO(), f) for f in known} | fields)
-    variables = convert.load_variables(args.variables)
-    expected = jax.eval_shape(lambda: disco.init_variables(model, 0))
-    shape = lambda t: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), t)
-    if shape(expected) != shape(variables):
-      sizes = {f: getattr(model, f) for f in sorted(known)}
-      raise ValueError(f'{args.variables}: its arrays do not fit the model sizes {sizes}; pass '
-                       'the sizes it was trained with as --model JSON')
+    model, variables = load_weights(args.variables, fields)
   if args.anchors is not None:
     model = model.clone(num_anchors=args.anchors)
   return model, variables
@@ -279,7 +309,8 @@ def parse_args(argv):
                               description=__doc__.split('\n')[0])
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument('--workdir', help='training run folder (train.py --workdir)')
-  src.add_argument('--variables', help='.msgpack of variables (from python -m disco_jax.weights.convert)')
+  src.add_argument('--variables', help='.msgpack of variables (from disco-convert), or an official '
+                   '.pth/.pth.tar (read without torch)')
   p.add_argument('--model', help='DISCO fields for --variables as JSON or a .json file '
                  '(default: the released sizes)')
   p.add_argument('--input', required=True, help='an image or a folder (walked, sorted)')

@@ -8,6 +8,7 @@ is done, `export`.
 import logging
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +73,14 @@ class SpixTask:
     gray, ab = arrays['gray'], arrays['ab']
     return [list(r) for r in zip(_rgb(gray, 0 * ab), _rgb(gray, arrays['recon']), _rgb(gray, ab))]
 
+  def imported_variables(self, path):
+    """config.init_from's SPixNet (from a SPixelNet or a whole DISCO file) in this task's layout."""
+    variables = convert.import_variables(path, disco.DISCO(spix_width=self.model.width))
+    if 'segnet' not in variables.get('params', {}):
+      raise ValueError(f'config.init_from={path}: holds no SPixNet (segnet) weights')
+    segnet = {c: variables[c]['segnet'] for c in ('params', 'batch_stats')}
+    return fitted(segnet, self.init_variables, path)
+
   def export(self, state, workdir, mesh):
     """Writes `workdir/spixnet.msgpack`, the frozen SPixNet that stage 2 reads."""
     variables = {'params': {'segnet': state.params},
@@ -81,6 +90,31 @@ class SpixTask:
       path = os.path.join(workdir, SPIXNET_EXPORT)
       convert.save_variables(path, whole)
       logging.info('stage 1 done: SPixNet weights for stage 2 in %s', path)
+
+
+def fitted(imported, init_variables, path):
+  """`imported` {collection: tree}, after checking that each of its arrays is one of
+  `init_variables(seed)`'s with the same shape (a part, e.g. only SPixNet, is fine); the error
+  names config.init_from and lists every misfit."""
+  expected = flax.traverse_util.flatten_dict(jax.eval_shape(lambda: init_variables(0)))
+  problems = []
+  for key, value in flax.traverse_util.flatten_dict(imported).items():
+    if key not in expected:
+      problems.append(f'{"/".join(key)} is not part of this model')
+    elif tuple(np.shape(value)) != expected[key].shape:
+      problems.append(f'{"/".join(key)}: {tuple(np.shape(value))} in the file, '
+                      f'{expected[key].shape} in the model')
+  if problems:
+    raise ValueError(f'config.init_from={path}: its weights do not fit config.model '
+                     f'({len(problems)} problems): ' + '; '.join(problems[:20]))
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), imported)
+
+
+def overlay(variables, imported):
+  """`variables` with each array that `imported` holds (checked by `fitted`) replaced by it."""
+  flat = flax.traverse_util.flatten_dict(variables)
+  flat.update(flax.traverse_util.flatten_dict(imported))
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def load_spixnet_variables(path):
@@ -124,6 +158,10 @@ class DiscoTask:
       variables[collection]['segnet'] = jax.tree_util.tree_map(
           jnp.asarray, self.spixnet_variables[collection])
     return variables
+
+  def imported_variables(self, path):
+    """config.init_from's weights: a whole DISCO, or a SPixelNet alone (then only 'segnet')."""
+    return fitted(convert.import_variables(path, self.model), self.init_variables, path)
 
   def loss(self, params, model_state, batch, rng, train):
     """(total, (terms, new model state, outputs)). `batch` may also give `anchor_mask` `(B, h, w)`

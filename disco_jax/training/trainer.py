@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from disco_jax.data import pipeline
+from disco_jax.models import disco
 from disco_jax.training import checkpoint as ckpt_lib
 from disco_jax.training import compiled_stats, optim, sharding, tasks, validate, writers
 
@@ -48,8 +49,12 @@ class TrainState:
   opt_state: Any
 
 
-def create_state(task, tx, seed):
+def create_state(task, tx, seed, imported=None):
+  """Step 0: the task's initial variables (with `imported`'s arrays in place of theirs, see
+  `tasks.overlay`) and a fresh optimizer state."""
   variables = task.init_variables(seed)
+  if imported is not None:
+    variables = tasks.overlay(variables, imported)
   params = variables.pop('params')
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                     opt_state=tx.init(params))
@@ -210,13 +215,24 @@ def set_up(config, workdir: str) -> Run:
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.ckpt.keep,
                                        save_every=config.ckpt.every_steps)
   if checkpointer.latest_step() is None:
-    state = jax.jit(lambda: create_state(task, tx, config.seed), out_shardings=state_shard)()
+    imported = task.imported_variables(config.init_from) if config.init_from else None
+    if imported is not None:
+      logging.info('a new run from the weights of config.init_from=%s (%d arrays, %s parameters '
+                   'replaced): fresh optimizer state, step 0', config.init_from,
+                   len(jax.tree_util.tree_leaves(imported)),
+                   f'{disco.count_params(imported.get("params", {})):,}')
+    # The imported arrays are arguments, not constants baked into the compiled init.
+    state = jax.jit(lambda v: create_state(task, tx, config.seed, v),
+                    out_shardings=state_shard)(imported)
   else:
     target = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shard)
     state, _ = checkpointer.restore(target)
-    logging.info('resuming from the checkpoint at step %d in %s', int(sharding.fetch(state.step)),
-                 workdir)
+    step = int(sharding.fetch(state.step))
+    logging.info('resuming from the checkpoint at step %d in %s', step, workdir)
+    if config.init_from:
+      logging.info('config.init_from=%s ignored: this run continues from its own checkpoint at '
+                   'step %d', config.init_from, step)
   return Run(config, workdir, mesh, task, schedule, tx, state_shard, checkpointer, state,
              int(sharding.fetch(state.step)), steps_per_epoch, total_steps)
 
@@ -370,16 +386,34 @@ def train_and_evaluate(config, workdir: str):
   return loop.scalars
 
 
-def restore_trained(workdir: str, step=None, best: bool = False):
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved in `workdir/config.json`.
+
+  A folder holding the two stages' runs (README: `spixnet/` and `disco/`) is named as such, with the
+  subfolder to pass instead.
+  """
+  root = epath.Path(workdir)
+  path = root / 'config.json'
+  if not path.is_file():
+    stages = [d for d in ('disco', 'spixnet') if (root / d / 'config.json').is_file()]
+    if stages:
+      raise FileNotFoundError(
+          f'{workdir} holds the training runs {", ".join(f"{d}/" for d in stages)}, not one run: '
+          f'pass --workdir {root / stages[0]}' + (' (the colorizer, stage 2)'
+                                                  if stages[0] == 'disco' else ''))
+    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir of train.py')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_trained(workdir: str, step=None, best: bool = False, config=None):
   """(config, TrainState) of a training run: the config it saved and a whole checkpoint.
 
   Restores the latest checkpoint that can be read (or `step`, or with `best` the one of lowest
   validation loss) onto all local devices, replicated; `state.step` says which step it was.
+  `config`: the saved config with fields changed (eval.py's --config.x=y); its model must be the
+  run's.
   """
-  path = epath.Path(workdir) / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir of train.py')
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = load_config(workdir) if config is None else config
   # The frozen inputs (SPixNet file, VGG19) live in the checkpoint or are not needed to evaluate.
   task = tasks.SpixTask(config) if config.task == 'spixnet' else tasks.DiscoTask(config)
   tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 1),

@@ -52,6 +52,9 @@ def _problems(config):
       yield bad(field, value, 'must be positive')
   if o.max_update_ratio < 0:
     yield bad('optim.max_update_ratio', o.max_update_ratio, 'must be >= 0 (0 = no check)')
+  if config.init_from and not os.path.isfile(config.init_from):
+    yield bad('init_from', config.init_from, 'no such file: name an official DISCO or SPixelNet '
+              '.pth/.pth.tar or a converted .msgpack, or leave it empty for a random start')
   if not (config.debug.nan_at_step == -1 or config.debug.nan_at_step >= 1):
     yield bad('debug.nan_at_step', config.debug.nan_at_step,
               'must be -1 (off) or a step number >= 1')
@@ -67,10 +70,13 @@ def _problems(config):
   if not 0 <= config.loss.colorfulness <= 1:
     yield bad('loss.colorfulness', config.loss.colorfulness, 'must lie in [0, 1]')
   spix = config.spixnet_checkpoint
-  if not (os.path.isfile(spix) or os.path.isfile(os.path.join(spix, tasks.SPIXNET_EXPORT))):
+  # Both kinds of init_from file hold a SPixNet, which then takes the stage-1 checkpoint's place.
+  found = os.path.isfile(spix) or os.path.isfile(os.path.join(spix, tasks.SPIXNET_EXPORT))
+  if (spix or not config.init_from) and not found:
     yield bad('spixnet_checkpoint', spix,
               'stage 2 needs the frozen SPixNet of stage 1: a finished stage-1 workdir (holding '
-              f'{tasks.SPIXNET_EXPORT}) or a converted SPixelNet .msgpack (see README)')
+              f'{tasks.SPIXNET_EXPORT}) or a converted SPixelNet .msgpack (see README), or '
+              'config.init_from')
   if config.loss.perceptual_weight > 0 and not os.path.isfile(config.loss.vgg_weights):
     yield bad('loss.vgg_weights', config.loss.vgg_weights,
               'a perceptual weight above 0 needs VGG19 weights: see README, "VGG19 for the '

@@ -18,6 +18,7 @@ arrays works too):
   python -m disco_jax.weights.convert spix16ab-imagenet_last.pth.tar spixnet.msgpack --spixnet
 """
 import argparse
+import os
 import re
 import sys
 from typing import Mapping, Optional
@@ -204,6 +205,30 @@ def load_variables(path):
       path, 'a variables file from python -m disco_jax.weights.convert',
       f'{path}: no such variables file. Convert an official checkpoint with '
       f'`python -m disco_jax.weights.convert CHECKPOINT.pth.tar {path}`')
+
+
+def is_spixnet_state_dict(state_dict) -> bool:
+  """Whether an official state dict is a stage-1 SPixelNet checkpoint: its keys are `net.*`
+  (`module.net.*` when saved under DDP), where DISCO's are `segnet.*`, `repnet.*`, ..."""
+  return any(k.removeprefix('module.').startswith('net.') for k in state_dict)
+
+
+def import_variables(path, model: Optional[disco.DISCO] = None):
+  """Variables from any weights file, checked against `model` (released sizes by default).
+
+  `path`: a `.msgpack` written by `save_variables` (returned as stored), or an official DISCO or
+  SPixelNet `.pth`/`.pth.tar` (read without torch, refusing code) or an `.npz` of its arrays. A
+  SPixelNet file gives the 'segnet' entries only. Raises FileNotFoundError or ValueError naming
+  the file.
+  """
+  path = os.fspath(path)
+  if path.endswith('.msgpack'):
+    return load_variables(path)
+  state_dict = torch_file.read_state_dict(path)
+  try:
+    return variables_from_state_dict(state_dict, model, is_spixnet_state_dict(state_dict))
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
 
 
 def main(argv=None):
