@@ -26,6 +26,8 @@ _STEP = flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest
 _BEST = flags.DEFINE_bool('best', False, 'the checkpoint with the lowest validation loss')
 _INCEPTION = flags.DEFINE_string('inception', None,
                                  'InceptionV3 weights for FID (python -m disco_jax.weights.inception)')
+_LPIPS = flags.DEFINE_string('lpips', None, 'AlexNet weights for LPIPS, reported in metrics.json '
+                             '(python -m disco_jax.weights.lpips)')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'side-by-side PNGs to write')
 _MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'stop after this many batches')
 _SEED = flags.DEFINE_integer('seed', 130, 'k-means seed (130: the official inference seed)')
@@ -43,7 +45,7 @@ def main(argv):
   if _VARIABLES.value and _CONFIG.value is None:
     sys.exit('error: --variables needs --config for the model sizes and the data to evaluate on')
   common = dict(inception=_INCEPTION.value, num_images=_NUM_IMAGES.value,
-                max_batches=_MAX_BATCHES.value, seed=_SEED.value)
+                max_batches=_MAX_BATCHES.value, seed=_SEED.value, lpips=_LPIPS.value)
   try:
     if _WORKDIR.value:
       metrics = evaluator.evaluate_workdir(_WORKDIR.value, _STEP.value, _BEST.value, **common)
