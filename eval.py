@@ -11,7 +11,8 @@ With --variables: weights converted from an official checkpoint (`disco-convert`
 .pth/.pth.tar itself, with the model and data of --config. `--folder` evaluates a folder of colour
 photos instead of the config's split. Either way it colorizes the evaluation images automatically
 and writes metrics.json (PSNR, SSIM, colorfulness and its gap to the ground truth, FID when
---inception names the converted pytorch-fid weights), TensorBoard scalars and side-by-side PNGs
+--inception names the converted pytorch-fid weights, LPIPS when --lpips names the converted
+AlexNet weights), TensorBoard scalars and side-by-side PNGs
 (gray | ours | truth) to DIR/eval or --out (a gs:// path works). Installed: `disco-eval`.
 """
 from disco_jax import cli

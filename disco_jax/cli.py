@@ -92,6 +92,8 @@ def evaluate(argv=None):
   best = flags.DEFINE_bool('best', False, 'the checkpoint with the lowest validation loss')
   inception = flags.DEFINE_string('inception', None, 'InceptionV3 weights for FID '
                                   '(python -m disco_jax.weights.inception)')
+  lpips = flags.DEFINE_string('lpips', None, 'AlexNet weights for LPIPS, reported in metrics.json '
+                              '(python -m disco_jax.weights.lpips)')
   num_images = flags.DEFINE_integer('num_images', 8, 'side-by-side PNGs to write')
   max_batches = flags.DEFINE_integer('max_batches', None, 'stop after this many batches')
   seed = flags.DEFINE_integer('seed', 130, 'k-means seed (130: the official inference seed)')
@@ -112,7 +114,7 @@ def evaluate(argv=None):
     if folder.value:
       cfg = evaluator.on_folder(cfg, folder.value)
     common = dict(inception=inception.value, num_images=num_images.value,
-                  max_batches=max_batches.value, seed=seed.value)
+                  max_batches=max_batches.value, seed=seed.value, lpips=lpips.value)
     try:
       if run_dir:
         metrics = evaluator.evaluate_workdir(run_dir, step.value, best.value, config=cfg,

@@ -15,11 +15,12 @@ from configs import disco as disco_configs
 from configs import spixnet as spixnet_configs
 from disco_jax.data import folder
 from disco_jax.evaluation import evaluator
-from disco_jax.models import inception
+from disco_jax.models import inception, lpips
 from disco_jax.training import checkpoint as ckpt_lib
 from disco_jax.training import optim, sharding, tasks, trainer, validate
 from disco_jax.weights import convert
 from disco_jax.weights import inception as inception_weights
+from disco_jax.weights import lpips as lpips_weights
 from tests.conftest import REPO
 
 
@@ -261,11 +262,17 @@ def test_eval_writes_every_metric_and_the_pngs(stage2, tmp_path):
   # Random InceptionV3 weights in our format: FID's path end to end, not its value.
   variables = inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
   inception_weights.save_inception(tmp_path / 'inception.msgpack', jax.device_get(variables))
+  # And random AlexNet LPIPS weights (tests/test_lpips.py checks LPIPS' value).
+  x = jnp.zeros((1, 32, 32, 3))
+  lpips_weights.save_lpips(tmp_path / 'lpips.msgpack',
+                           jax.device_get(lpips.LPIPS().init(jax.random.key(0), x, x)['params']))
   metrics = evaluator.evaluate_workdir(str(workdir), inception=str(tmp_path / 'inception.msgpack'),
-                                       num_images=3, max_batches=2)
+                                       num_images=3, max_batches=2,
+                                       lpips=str(tmp_path / 'lpips.msgpack'))
   saved = json.loads((workdir / 'eval' / 'metrics.json').read_text())
   assert saved.keys() == metrics.keys()
-  for key in ('psnr', 'ssim', 'colorfulness', 'colorfulness_gt', 'colorfulness_gap', 'fid'):
+  for key in ('psnr', 'ssim', 'colorfulness', 'colorfulness_gt', 'colorfulness_gap', 'fid',
+              'lpips'):
     assert isinstance(saved[key], float) and np.isfinite(saved[key]), key
   assert saved['num_images'] == 8 and saved['num_anchors'] == 3 and saved['seed'] == 130
   assert saved['split'] == 'train' and saved['resolution'] == 32
@@ -273,6 +280,7 @@ def test_eval_writes_every_metric_and_the_pngs(stage2, tmp_path):
   assert len(pngs) == 3 and Image.open(pngs[0]).size == (3 * 32 + 4 * 2, 32 + 2 * 2)  # padded row
   no_fid = evaluator.evaluate_workdir(str(workdir), max_batches=1)
   assert no_fid['fid'].startswith('unavailable') and no_fid['num_images'] == 4
+  assert no_fid['lpips'].startswith('unavailable') and lpips_weights.ALEXNET_URL in no_fid['lpips']
   # Weights converted elsewhere (a variables file) with a config, as for official checkpoints.
   config, variables = trainer.load_trained(str(workdir))
   convert.save_variables(tmp_path / 'v.msgpack', jax.device_get(variables))

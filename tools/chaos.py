@@ -1,13 +1,16 @@
 """Chaos campaigns: SIGKILL-and-resume training runs, and a corpus of hostile image files.
 
-  python tools/chaos.py [--kills 5] [--files N] [--seed 0] [--root DIR] [--json out.json]
+  python tools/chaos.py [--task spixnet|disco] [--kills 5] [--files N] [--seed 0] [--root DIR]
+      [--json out.json]
 
-Kill/resume (tools/kill_resume.py): a reference run of the tiny stage-1 config, then the same
+Kill/resume (tools/kill_resume.py): a reference run of the tiny stage-1 config (`--task disco`:
+the tiny colorizer with dropout, k-means anchors, spectral norm and the VGG19 term), then the same
 command killed with SIGKILL `--kills` times (mid-step, mid checkpoint write, between steps) and
-rerun each time; the final parameters, optimizer state and BatchNorm statistics of both runs are
-compared bit for bit. Hostile input (tools/hostile_corpus.py): `--files` bad or odd files through
-the image-folder dataset and the colorize command. Ends with one summary line; exits 1 when a kill
-was not survived, a resume was not bit-identical, a file was misjudged or anything crashed.
+rerun each time; the final parameters, optimizer state, BatchNorm statistics and spectral-norm
+vectors of both runs are compared bit for bit. Hostile input (tools/hostile_corpus.py): `--files`
+bad or odd files through the image-folder dataset and the colorize command. Ends with one summary
+line; exits 1 when a kill was not survived, a resume was not bit-identical, a file was misjudged or
+anything crashed.
 """
 import argparse
 import json
@@ -46,6 +49,8 @@ def passed(kills: dict | None, files: dict | None) -> bool:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--kills', type=int, default=5, help='SIGKILLs of the training run (0: skip)')
+  parser.add_argument('--task', choices=kill_resume.TASKS, default='spixnet',
+                      help='the training run killed: stage 1 or the colorizer (stage 2)')
   parser.add_argument('--files', type=int, default=None,
                       help='hostile files (default: the base corpus, about 60; more adds seeded '
                            'variants; 0: skip)')
@@ -57,8 +62,9 @@ def main(argv=None):
     root = args.root or tmp
     kills = files = None
     if args.kills:
-      print(f'kill/resume: {args.kills} kills ...', flush=True)
-      kills = kill_resume.campaign(os.path.join(root, 'kills'), args.kills, args.seed)
+      print(f'kill/resume ({args.task}): {args.kills} kills ...', flush=True)
+      kills = kill_resume.campaign(os.path.join(root, 'kills'), args.kills, args.seed,
+                                   task=args.task)
     if args.files != 0:
       print(f"hostile input: {args.files or 'the base corpus of'} files ...", flush=True)
       files = hostile_corpus.campaign(os.path.join(root, 'files'), args.files)

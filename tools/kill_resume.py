@@ -1,13 +1,16 @@
 """Exact resume under SIGKILL: kill `train.py` at random moments, rerun it, compare to a clean one.
 
-  python tools/kill_resume.py --root /tmp/kill_resume --kills 5 --seed 0
+  python tools/kill_resume.py --root /tmp/kill_resume --kills 5 --seed 0 [--task disco]
 
 `campaign` trains once without interruption (the reference), then trains the same command in a
 fresh workdir, killing it with SIGKILL `kills` times and rerunning it after each kill until it
 finishes. The final checkpoints of both runs (step, parameters, Adam state, BatchNorm statistics,
 spectral vectors where the model has them) must be bit-identical: the trainer promises that a
 resumed run computes exactly what an uninterrupted one does (the batch sequence and every random
-key are pure functions of the step).
+key are pure functions of the step). `--task spixnet` (the default) runs the tiny stage 1;
+`--task disco` the tiny colorizer with all its state and randomness in play (dropout, k-means
+anchors, spectral-norm vectors, the VGG19 term on a random weights file), after a 2-step stage-1
+run for its SPixNet.
 
 Kill moments, drawn from a seeded RNG and watched by polling the workdir every millisecond:
 - 'step': a random part of one step's time after `metrics.jsonl` reports a step, so the kill lands
@@ -65,6 +68,47 @@ def tiny_spixnet_args(photos, data_dir, num_steps=24, every_steps=2):
           f'--config.ckpt.every_steps={every_steps}', '--config.ckpt.keep=2',
           f'--config.eval.every_steps={10 * num_steps}', '--config.eval.max_batches=1',
           '--config.log.every_steps=1', f'--config.log.images_every_steps={10 * num_steps}']
+
+
+def tiny_disco_args(photos, data_dir, spixnet, vgg_weights, num_steps=24, every_steps=2):
+  """train.py flags for the tiny colorizer with everything that draws on state or randomness:
+  transformer dropout, k-means anchors, spectral-norm power iterations and the VGG19 term, at
+  32 px, batch 2, a checkpoint every `every_steps` steps, validation only at the end."""
+  return ['--config', 'configs/disco.py:tiny', '--config.input.dataset=folder',
+          f'--config.input.folder={photos}', f'--config.input.data_dir={data_dir}',
+          '--config.input.image_size=32', '--config.input.global_batch_size=2',
+          '--config.input.shuffle_buffer=16', f'--config.spixnet_checkpoint={spixnet}',
+          '--config.model.dropout=0.1', '--config.model.random_anchors=False',
+          '--config.loss.perceptual_weight=5.0', f'--config.loss.vgg_weights={vgg_weights}',
+          f'--config.optim.num_steps={num_steps}', f'--config.ckpt.every_steps={every_steps}',
+          '--config.ckpt.keep=2', f'--config.eval.every_steps={10 * num_steps}',
+          '--config.eval.max_batches=1', '--config.log.every_steps=1',
+          f'--config.log.images_every_steps={10 * num_steps}']
+
+
+def write_vgg19(path, seed=0):
+  """A VGG19 weights file as `weights.vgg19.save_vgg19` writes it, with VGG19Features' random
+  initial weights: the perceptual term's cost and gradients without ImageNet's file."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from disco_jax.models import vgg  # pylint: disable=g-import-not-at-top
+  from disco_jax.weights import vgg19  # pylint: disable=g-import-not-at-top
+  init = jax.jit(lambda: vgg.VGG19Features().init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3))))
+  vgg19.save_vgg19(str(path), init()['params'], 'torch')
+  return path
+
+
+def disco_args(root, env, num_steps=24, every_steps=2, timeout=600):
+  """`tiny_disco_args` on photos written under `root`, after what stage 2 needs: a 2-step stage-1
+  run of `tiny_spixnet_args` (its SPixNet export) and a random VGG19 file."""
+  root = pathlib.Path(root)
+  photos, data_dir = write_photos(root / 'photos'), root / 'tfds'
+  spix = _Run.start(tiny_spixnet_args(photos, data_dir, num_steps=2), root / 'spixnet',
+                    root / 'spixnet.log', env)
+  if spix.wait(timeout) != 0:
+    raise RuntimeError(f'the stage-1 run failed (exit {spix.proc.returncode}):\n{spix.tail()}')
+  vgg_weights = write_vgg19(root / 'vgg19.msgpack')
+  return tiny_disco_args(photos, data_dir, spix.workdir, vgg_weights, num_steps, every_steps)
 
 
 def _flag(args, name):
@@ -236,8 +280,11 @@ def compare(a, b):
   return not differing, diff, differing
 
 
+TASKS = ('spixnet', 'disco')
+
+
 def campaign(workdir_root, kills=5, seed=0, config_args=None, devices=1, timeout=600,
-             cache_dir=None):
+             cache_dir=None, task='spixnet', num_steps=24):
   """Reference run, then a run killed `kills` times and resumed; compares their final checkpoints.
 
   Args:
@@ -246,11 +293,14 @@ def campaign(workdir_root, kills=5, seed=0, config_args=None, devices=1, timeout
     kills: SIGKILLs sent to the second run before it may finish.
     seed: seeds the kill plan (kinds, target steps, delays).
     config_args: train.py flags without --workdir (must include --config.optim.num_steps=N and
-      --config.ckpt.every_steps=N); default `tiny_spixnet_args` on photos written here.
+      --config.ckpt.every_steps=N); default: `task`'s tiny flags on photos written here.
     devices: CPU devices of every subprocess (XLA_FLAGS).
     timeout: seconds any one process may take.
     cache_dir: the JAX compilation cache (default workdir_root/jax_cache); share one between
       campaigns and tests with the same config to compile once.
+    task: without config_args, 'spixnet' (stage 1, `tiny_spixnet_args`) or 'disco' (stage 2,
+      `disco_args`: a short stage-1 run and a random VGG19 file first).
+    num_steps: without config_args, the length of both runs.
 
   Returns:
     dict(kills, kills_survived (kills after which a rerun resumed from a checkpoint, or started
@@ -259,13 +309,17 @@ def campaign(workdir_root, kills=5, seed=0, config_args=None, devices=1, timeout
     reference_s, step_time_s (one step of the reference), details (one dict per process of the
     killed run: its kill record, or the final run's exit)).
   """
+  if task not in TASKS:
+    raise ValueError(f'unknown task {task!r}; choose one of {TASKS}')
   root = pathlib.Path(workdir_root)
   root.mkdir(parents=True, exist_ok=True)
-  if config_args is None:
-    config_args = tiny_spixnet_args(write_photos(root / 'photos'), root / 'tfds')
+  env = subprocess_env(cache_dir or root / 'jax_cache', devices)
+  if config_args is None and task == 'disco':
+    config_args = disco_args(root, env, num_steps, timeout=timeout)
+  elif config_args is None:
+    config_args = tiny_spixnet_args(write_photos(root / 'photos'), root / 'tfds', num_steps)
   num_steps = _flag(config_args, 'config.optim.num_steps')
   every = _flag(config_args, 'config.ckpt.every_steps')
-  env = subprocess_env(cache_dir or root / 'jax_cache', devices)
   rng = np.random.default_rng(seed)
 
   start = time.monotonic()
@@ -315,8 +369,9 @@ def main():
   parser.add_argument('--root', required=True, help='a new directory for the runs')
   parser.add_argument('--kills', type=int, default=5)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--task', choices=TASKS, default='spixnet')
   args = parser.parse_args()
-  result = campaign(args.root, args.kills, args.seed)
+  result = campaign(args.root, args.kills, args.seed, task=args.task)
   print(json.dumps(result, indent=2))
   sys.exit(0 if result['resumes_bit_identical'] else 1)
 

@@ -3,8 +3,9 @@
 `evaluate_workdir` restores a checkpoint with the config saved in the workdir, colorizes the
 config's evaluation split automatically (k-means anchors on the modeler's features, its most
 likely colours: the official inference), and reports PSNR and SSIM on RGB at the evaluation
-resolution, colorfulness and its gap to the ground truth, and FID when InceptionV3 weights are
-given. The last partial batch is padded and masked, never dropped.
+resolution, colorfulness and its gap to the ground truth, FID when InceptionV3 weights are given
+and LPIPS (AlexNet, v0.1) when its converted weights are. The last partial batch is padded and
+masked, never dropped.
 """
 import io
 import json
@@ -21,16 +22,18 @@ from disco_jax.data import pipeline
 from disco_jax.evaluation import metrics
 from disco_jax.models import disco
 from disco_jax.models import inception as inception_net
+from disco_jax.models import lpips as lpips_net
 from disco_jax.ops import colour
 from disco_jax.training import sharding, trainer, writers
 from disco_jax.weights import inception as inception_weights
+from disco_jax.weights import lpips as lpips_weights
 
 
 def _to_rgb(gray, ab):
   return colour.lab_to_rgb(colour.denormalise_lab(gray, ab))  # (B, H, W, 3) in [0, 1]
 
 
-def make_eval_fn(model, inception_variables=None):
+def make_eval_fn(model, inception_variables=None, lpips_variables=None):
   """Jittable (variables, batch, key) -> per-example metrics `(B,)`, images and features."""
 
   def fn(variables, batch, key):
@@ -44,6 +47,8 @@ def make_eval_fn(model, inception_variables=None):
     if inception_variables is not None:
       result['feat_pred'] = inception_net.inception_features(inception_variables, pred)
       result['feat_truth'] = inception_net.inception_features(inception_variables, truth)
+    if lpips_variables is not None:
+      result['lpips'] = lpips_net.LPIPS().apply(lpips_variables, pred, truth)
     return result
 
   return fn
@@ -58,7 +63,7 @@ def on_folder(config, folder):
 
 
 def evaluate_workdir(workdir, step=None, best=False, inception=None, num_images=8,
-                     max_batches=None, seed=130, config=None, out_dir=None):
+                     max_batches=None, seed=130, config=None, out_dir=None, lpips=None):
   """Evaluates a run's checkpoint with its saved config (or `config`: that config with fields
   changed); writes to `out_dir` (default `workdir/eval`) and returns the metrics."""
   config, state = trainer.restore_trained(workdir, step, best, config)
@@ -68,14 +73,16 @@ def evaluate_workdir(workdir, step=None, best=False, inception=None, num_images=
   step = int(state.step)
   variables = {'params': state.params, **state.model_state}
   return evaluate(config, variables, out_dir or os.path.join(workdir, 'eval'), step, inception,
-                  num_images, max_batches, seed)
+                  num_images, max_batches, seed, lpips)
 
 
 def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8,
-             max_batches=None, seed=130):
+             max_batches=None, seed=130, lpips=None):
   """Evaluates `variables` of the model `config.model` on `config.input.eval_split`.
 
   Also serves imported official weights: `eval.py --variables disco.msgpack --config ...`.
+  `inception` and `lpips` name converted weights files (`weights.inception`, `weights.lpips`);
+  without one, its metric is reported as unavailable with how to get the file.
   Writes `out_dir/metrics.json`, TensorBoard scalars and PNGs (through epath: `out_dir` may be a
   gs:// path); returns the metrics.
   """
@@ -87,9 +94,11 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
     fid_note = ('unavailable: no InceptionV3 weights given (--inception FILE); get '
                 f'{inception_weights.PYTORCH_FID_URL} and convert it with `python -m disco_jax.weights.inception '
                 '--pytorch-fid pt_inception-2015-12-05-6726825d.pth --out inception_fid.msgpack`')
+  # Loaded before anything runs, so that a missing or bad file stops the evaluation at once.
+  lpips_variables = lpips_weights.load_lpips(lpips) if lpips else None
   mesh = sharding.make_mesh(1)
   batch_shard = sharding.batch_sharding(mesh)
-  eval_fn = jax.jit(make_eval_fn(model, inception_variables),
+  eval_fn = jax.jit(make_eval_fn(model, inception_variables, lpips_variables),
                     out_shardings=sharding.replicated(mesh))
   split = config.input.eval_split
   num_examples = pipeline.dataset_builder(config).info.splits[split].num_examples
@@ -101,10 +110,11 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   stats = {k: metrics.FeatureStats() for k in ('pred', 'truth')} if inception else None
   progress = writers.Progress(total, 0)
   key = jax.random.key(seed)
+  per_example = ('psnr', 'ssim', 'colorfulness', 'colorfulness_gt') + (('lpips',) if lpips else ())
   for i, batch in enumerate(pipeline.eval_batches(config, batch_shard, max_batches)):
     mask = np.asarray(batch['mask'])
     result = sharding.fetch(eval_fn(variables, batch, jax.random.fold_in(key, i)))
-    for name in ('psnr', 'ssim', 'colorfulness', 'colorfulness_gt'):
+    for name in per_example:
       sums[name] = sums.get(name, 0.0) + float(np.sum(result[name][mask]))
     count += int(mask.sum())
     if stats:
@@ -127,6 +137,8 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
                                                  stats['truth'].mean(), stats['truth'].cov())
   else:
     report['fid'] = fid_note or 'unavailable: FID needs at least 2 images'
+  if not lpips:
+    report['lpips'] = 'unavailable: ' + lpips_weights.missing_weights_message(None)
   report.update(
       num_images=count, num_anchors=config.model.num_anchors, seed=seed, split=split,
       dataset=config.input.dataset, resolution=config.input.image_size, step=step,

@@ -85,14 +85,8 @@ def _check_variables(variables, where):
   if not isinstance(variables, Mapping):
     raise ValueError(f'{where}: expected InceptionV3 variables {{"params", "batch_stats"}}, got '
                      f'{type(variables)}')
-  got = {(k[0], k[1:]): tuple(np.shape(v))
-         for k, v in flax.traverse_util.flatten_dict(dict(variables)).items()}
-  expected = _expected()
-  name = lambda k: '/'.join((k[0],) + k[1])
-  problems = [f'missing {name(k)}' for k in expected if k not in got]
-  problems += [f'unexpected {name(k)}' for k in got if k not in expected]
-  problems += [f'{name(k)} has shape {got[k]}, expected {s}'
-               for k, s in expected.items() if k in got and got[k] != s]
+  expected = {(collection,) + path: s for (collection, path), s in _expected().items()}
+  problems = msgpack_io.shape_problems(variables, expected)
   if problems:
     raise ValueError(f'{where}: not InceptionV3 FID variables:\n  ' + '\n  '.join(problems))
 

@@ -1,6 +1,8 @@
 """The one reader and writer of our weights files (msgpack of nested dicts of numpy arrays)."""
 from etils import epath
 import flax.serialization
+import flax.traverse_util
+import numpy as np
 
 
 def save(path, tree):
@@ -24,3 +26,15 @@ def load(path, what: str, missing_message: str):
   # msgpack raises many unrelated exception types on damaged input; all mean the same here.
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'{path}: damaged or not {what} ({type(e).__name__}: {e})') from e
+
+
+def shape_problems(tree, expected):
+  """What is wrong with nested dict `tree` against `expected` ({path tuple: shape}): one line per
+  missing, unexpected or mis-shaped array, its path joined by '/' (the converters list all)."""
+  got = {k: tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
+  name = '/'.join
+  problems = [f'missing {name(k)}' for k in expected if k not in got]
+  problems += [f'unexpected {name(k)}' for k in got if k not in expected]
+  problems += [f'{name(k)} has shape {got[k]}, expected {s}'
+               for k, s in expected.items() if k in got and got[k] != s]
+  return problems
