@@ -113,7 +113,7 @@ def _in_gamut(lab):
 
 
 def _shrink_chroma(sub):
-  """Out-of-gamut float32 Lab `(n, 3)` -> the same with ab scaled down by bisection until it fits."""
+  """Out-of-gamut float32 Lab `(n, 3)` -> the same, ab scaled down by bisection until it fits."""
   lo, hi = np.zeros(len(sub), np.float32), np.ones(len(sub), np.float32)
   for _ in range(GAMUT_STEPS):
     mid = (lo + hi) / 2
