@@ -10,6 +10,9 @@ Cases (full released model, weights freshly initialised: times do not depend on 
   train_S_bB    one training step at S x S, batch B: GT k-means anchors, both CE heads,
                 5 x VGG19 perceptual loss, backward, Adam (the released recipe)
   pipeline      the input pipeline alone (JPEG decode, squash to 256, Lab): images per second
+  colorize_Nmp  the colorize command on one N-megapixel grey PNG (square, uniform: a small file),
+                work size 64, a tiny random model: reading, compiling and writing included;
+                what full-resolution output costs in time and memory
 
 Each case runs in a fresh process, so that its peak RSS is its own: `RSS GB` is the whole
 process's peak (imports and compilation included), `run GB` the peak while the compiled calls ran.
@@ -19,6 +22,7 @@ analysis of the compiled call.
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -29,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CASES = ('matmul', 'infer_256_b1', 'infer_256_b8', 'infer_512_b1', 'train_256_b2',
-         'train_256_b4', 'pipeline')
-DEFAULT_RUNS = {'matmul': 20, 'infer': 5, 'train': 5, 'pipeline': 3}
+         'train_256_b4', 'pipeline', 'colorize_144mp')
+DEFAULT_RUNS = {'matmul': 20, 'infer': 5, 'train': 5, 'pipeline': 3, 'colorize': 1}
 
 
 def _peak_rss_gb():
@@ -189,6 +193,34 @@ def bench_pipeline(runs, size=256, batch=2, **_):
   return result
 
 
+def bench_colorize(runs, megapixels, **_):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from disco_jax.inference import colorize  # pylint: disable=g-import-not-at-top
+  from disco_jax.models import disco  # pylint: disable=g-import-not-at-top
+  from disco_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  side = round((megapixels * 1e6) ** 0.5)
+  sizes = dict(spix_width=4, backbone_width=8, refine_width=8, d_model=16, num_layers=2,
+               num_heads=2, ffn_dim=32, num_anchors=3)
+  with tempfile.TemporaryDirectory() as tmp:
+    photo, weights = os.path.join(tmp, 'grey.png'), os.path.join(tmp, 'tiny.msgpack')
+    Image.fromarray(np.full((side, side), 128, np.uint8)).save(photo)
+    convert.save_variables(weights, disco.init_variables(disco.DISCO(**sizes), 0))
+    argv = ['--variables', weights, '--model', json.dumps(sizes), '--size', '64', '--input', photo,
+            '--output', os.path.join(tmp, 'out')]
+    times, cpu = [], time.process_time()
+    for _ in range(runs):  # the first run compiles too (jit's cache serves later ones)
+      t0 = time.perf_counter()
+      if colorize.main(argv):
+        raise RuntimeError(f'colorize {argv} failed')
+      times.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu) / runs
+    file_mb = os.path.getsize(photo) / 1e6
+  return dict(median_s=float(np.median(times)), min_s=min(times), max_s=max(times), runs=runs,
+              peak_rss_gb=_peak_rss_gb(), pixels=side * side, file_mb=file_mb, cpu_s=cpu,
+              load_avg=os.getloadavg()[0])
+
+
 def run_case(name, runs, dtype, remat):
   """The figures of one case, in this process."""
   kind = name.split('_')[0]
@@ -197,6 +229,8 @@ def run_case(name, runs, dtype, remat):
     result = bench_matmul(runs)
   elif kind == 'pipeline':
     result = bench_pipeline(runs)
+  elif kind == 'colorize':
+    result = bench_colorize(runs, int(name.split('_')[1][:-len('mp')]))
   else:
     _, size, batch = name.split('_')
     if kind == 'train':
@@ -216,6 +250,9 @@ def _row(r, peak):
   rate = gflops / r['median_s'] if gflops else 0.0
   frac = f'{rate / peak:.0%}' if peak and rate and r['case'] != 'matmul' else ''
   extra = f"{r['images_per_s']:.1f} img/s" if 'images_per_s' in r else ''
+  if 'pixels' in r:
+    extra = (f"{r['pixels'] / 1e6:.0f} Mpx, a {r['file_mb'] * 1e3:.0f} KB file; CPU "
+             f"{r['cpu_s']:.1f} s (all threads), load {r['load_avg']:.1f}")
   return (f"{r['case']:<14}{r['median_s']:>9.3f}{r['min_s']:>9.3f}{r['max_s']:>9.3f}"
           f"{r.get('compile_s', 0):>9.1f}{gflops:>9.1f}{rate:>8.0f} {frac:>6}"
           f"{r['peak_rss_gb']:>8.2f}{r.get('run_rss_gb', 0):>8.2f}  {extra}")
@@ -234,7 +271,7 @@ def main():
     print('RESULT ' + json.dumps(run_case(args.case, args.runs, args.dtype, args.remat)))
     return
   cases = [c for c in args.cases.split(',') if c]
-  unknown = [c for c in cases if c not in CASES]
+  unknown = [c for c in cases if c not in CASES and not re.fullmatch(r'colorize_[0-9]+mp', c)]
   if unknown:
     parser.error(f'unknown cases {unknown}; choose from {CASES}')
   results = []

@@ -42,6 +42,8 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.0  # coupled L2 as torch's Adam(weight_decay=...)
   o.schedule = 'linear_epoch'  # 'linear_epoch' | 'cosine_epoch' | 'constant'
+  o.warmup_steps = 0  # steps of linear warm-up: lr scaled by min(1, step / warmup_steps) on top
+  # of the schedule (large pod batches); 0 = off (official: off)
   o.final_factor = 0.01  # linear_epoch: lr(e) = lr (1 - (1 - final_factor) e / num_epochs)
   o.num_epochs = 60  # length of the run in epochs (sets the schedule)
   o.num_steps = -1  # if > 0, stop after this many steps instead (the schedule keeps its epochs)

@@ -3,11 +3,15 @@
 A tiny random model at work size 64 keeps this fast; what is tested is the recipe, not the colours.
 """
 import json
+import os
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
+import skimage.data
 
+from disco_jax.data import images
 from disco_jax.inference import colorize
 from disco_jax.models import disco
 from disco_jax.ops import colour
@@ -133,3 +137,62 @@ def test_hint_image_labels_anchors_with_painted_colours(tiny):
   green_ab = colour.rgb_to_lab(np.array([0.0, 160 / 255, 0.0]))[1:] / colour.AB_SCALE
   labels = res.anchor_label[0][res.anchor_mask > 0]
   assert np.all(labels == int(colour.nearest_bin(green_ab)))
+
+
+def _whole_image_compose(rgb, ab_n):
+  """compose as one whole-image pass (the code before banding): the reference of the banded one."""
+  lightness = colour.rgb_to_lab(rgb.astype(np.float32) / 255.0)[..., :1]
+  ab = colorize.resize_bilinear(ab_n, *rgb.shape[:2]) * colour.AB_SCALE
+  lab = colour.fit_gamut(np.concatenate([lightness, ab], -1))
+  return np.rint(colour.lab_to_rgb(lab) * 255.0).astype(np.uint8)
+
+
+@pytest.mark.parametrize('name', ['astronaut', 'coffee'])
+def test_banded_compose_is_bit_identical_to_a_whole_image_pass(name, monkeypatch):
+  rgb = getattr(skimage.data, name)()
+  lab = colour.rgb_to_lab(rgb.astype(np.float32) / 255.0)
+  gray, ab = colour.normalise_lab(colorize.resize_bilinear(lab, SIZE, SIZE))
+  got_gray, got_ab = colorize.to_work_size(rgb, SIZE)  # converts only the sampled rows
+  np.testing.assert_array_equal(got_gray, gray)
+  np.testing.assert_array_equal(got_ab, ab)
+  # Twice the photo's chroma plus noise: many colours leave the gamut and are fitted.
+  ab_n = (2 * ab + np.random.default_rng(0).normal(0, 0.2, ab.shape)).astype(np.float32)
+  monkeypatch.setattr(colorize, 'BAND_PIXELS', 7919)  # a prime: bands of a few rows, a short last
+  # Every step is per pixel or per output row, so the bands must give the very same bytes.
+  np.testing.assert_array_equal(colorize.compose(rgb, ab_n), _whole_image_compose(rgb, ab_n))
+
+
+def test_lightness_uint8_is_rgb_to_lab_to_the_bit():
+  levels = np.arange(0, 256, 5, dtype=np.uint8)  # a 52^3 lattice of the RGB cube, plus all greys
+  cube = np.stack(np.meshgrid(levels, levels, levels, indexing='ij'), -1).reshape(-1, 3)
+  rgb = np.concatenate([cube, np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)])
+  for shaped in (rgb, rgb[:140800].reshape(275, 512, 3)):  # as listed, and as rows of a photo
+    want = colour.rgb_to_lab(shaped.astype(np.float32) / 255.0)[..., 0]
+    np.testing.assert_array_equal(colour.lightness_uint8(shaped), want)
+
+
+def test_compose_memory_is_the_output_plus_a_few_bands(monkeypatch):
+  rgb = _photo(1000, 1500)  # 4.5 MB of output; a whole-image pass holds ~25 float copies of it
+  ab_n = np.random.default_rng(0).normal(0, 0.3, (SIZE, SIZE, 2)).astype(np.float32)
+  monkeypatch.setattr(colorize, 'BAND_PIXELS', 1 << 14)
+  tracemalloc.start()  # numpy reports its buffers to tracemalloc
+  try:
+    out = colorize.compose(rgb, ab_n)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  # Per thread a band's float temporaries: ~20 arrays of 16384 x 3 float32, 4 MB in all.
+  assert peak <= out.nbytes + (os.cpu_count() or 1) * 4e6, (peak, out.nbytes)
+
+
+def test_images_over_max_pixels_are_refused_from_the_header(tiny, tmp_path, capsys):
+  path = tmp_path / 'big.png'
+  Image.fromarray(_photo(100, 120)).save(path)
+  with pytest.raises(images.UnreadableImage, match=r'big.png: 120x100 is 0.0 megapixels, over the '
+                     r'limit of 0.0 \(max_pixels'):
+    images.read_rgb(str(path), max_pixels=11_999)
+  assert images.read_rgb(str(path), max_pixels=12_000).shape == (100, 120, 3)
+  assert _cli(tiny, '--input', str(path), '--output', str(tmp_path / 'o'),
+              '--max-pixels', '11999') == 1
+  assert '--max-pixels' in capsys.readouterr().err
+  assert not (tmp_path / 'o').exists()

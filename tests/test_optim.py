@@ -4,7 +4,8 @@ import optax
 import pytest
 import jax.numpy as jnp
 
-from disco_jax.training import optim
+from configs import spixnet as spixnet_configs
+from disco_jax.training import optim, validate
 
 
 def _config(**kw):
@@ -44,3 +45,26 @@ def test_frozen_modules_never_move_and_adam_matches_optax():
   np.testing.assert_array_equal(updates['segnet']['w'], 0.0)
   ref, _ = optax.adam(2e-4).update(grads['repnet'], optax.adam(2e-4).init(params['repnet']))
   np.testing.assert_allclose(updates['repnet']['w'], ref['w'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['linear_epoch', 'constant'])
+def test_warmup_scales_the_schedule_by_step_over_warmup_steps(kind):
+  spe, warmup = 7, 20
+  plain = optim.learning_rate_schedule(_config(schedule=kind), spe)
+  warm = optim.learning_rate_schedule(_config(schedule=kind, warmup_steps=warmup), spe)
+  for step in (0, 1, 6, 7, 13, 19, 20, 21, 100):
+    # float32 schedule arithmetic: a few ulps.
+    np.testing.assert_allclose(warm(step), plain(step) * min(1.0, step / warmup), rtol=1e-6,
+                               atol=0)
+  assert float(warm(0)) == 0.0
+  at_10 = {'linear_epoch': 2e-4 * (1 - 0.99 * 1 / 60), 'constant': 2e-4}[kind]  # epoch 1
+  np.testing.assert_allclose(warm(10), 0.5 * at_10, rtol=1e-6)
+  assert optim.learning_rate_schedule(_config(schedule=kind, warmup_steps=0), spe)(0) == plain(0)
+
+
+def test_bad_warmup_steps_are_named():
+  config = spixnet_configs.get_config('tiny')
+  config.input.dataset = 'demo'
+  config.optim.warmup_steps = -1
+  with pytest.raises(validate.ConfigError, match=r'config.optim.warmup_steps=-1: must be >= 0'):
+    validate.validate_config(config)

@@ -98,9 +98,8 @@ def full_resolution(full: np.ndarray, result: np.ndarray) -> np.ndarray:
   """The photo `(H, W, 3)` with the ab of a preview's colorization `(h, w, 3)`, its L kept."""
   if full.shape == result.shape:
     return result
-  lightness = colour.rgb_to_lab(full.astype(np.float32) / 255.0)[..., 0]  # (H, W)
   ab_n = colour.rgb_to_lab(result.astype(np.float32) / 255.0)[..., 1:] / colour.AB_SCALE
-  return colorize.compose(lightness, ab_n)
+  return colorize.compose(full, ab_n)
 
 
 def _int_field(request, key, default, low, high):

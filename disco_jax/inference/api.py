@@ -22,8 +22,8 @@ from disco_jax.models import disco
 
 def as_rgb(image) -> np.ndarray:
   """A path, a PIL image or a numpy array `(H, W)`, `(H, W, 1)` or `(H, W, 3)` (uint8, or float in
-  [0, 1]) -> RGB `(H, W, 3)`, uint8 or float32. Paths go through the one photo reader (EXIF
-  orientation respected); a PIL image is taken as it is."""
+  [0, 1]) -> RGB `(H, W, 3)` uint8 (floats rounded to 8 bits, as the output is). Paths go through
+  the one photo reader (EXIF orientation respected); a PIL image is taken as it is."""
   if isinstance(image, (str, os.PathLike)):
     return images.read_rgb(os.fspath(image))
   if isinstance(image, Image.Image):
@@ -41,7 +41,7 @@ def as_rgb(image) -> np.ndarray:
   if not (np.all(np.isfinite(array)) and array.min() >= 0.0 and array.max() <= 1.0):
     raise ValueError(f'float image with values in [{np.nanmin(array)}, {np.nanmax(array)}]: '
                      'expected [0, 1] (divide 8-bit values by 255)')
-  return array.astype(np.float32)
+  return np.rint(array * 255.0).astype(np.uint8)
 
 
 class Colorizer:

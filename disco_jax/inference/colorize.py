@@ -4,9 +4,10 @@
   python -m disco_jax.inference.colorize --workdir ckpt/t1 --input a.jpg --output out/ --diverse 3
   python -m disco_jax.inference.colorize --variables tiny.msgpack --model '{"d_model": 16}' ...
 
-The image's full-resolution Lab is computed first; L (and the ab of a hint image) is resized
-bilinearly to the work size (256, or 512), the network predicts ab there, the ab is resized back to
-the original size and joined to the ORIGINAL L. So the output has the input's size and lightness.
+The image's Lab (and the ab of a hint image) is resized bilinearly to the work size (256, or 512),
+the network predicts ab there, the ab is resized back to the original size and joined to the
+ORIGINAL L, in bands of rows. So the output has the input's size and lightness, and a large photo
+costs about 10 bytes of memory per pixel (`--max-pixels` refuses larger ones).
 
 Model sizes: `--workdir` reads them from the run's config. A `--variables` file holds arrays only,
 so its sizes are the released model's (`DISCO()`) unless `--model` gives the DISCO fields that
@@ -19,6 +20,7 @@ the token grid); `--hints FILE.json` then sets anchor colours, as a list applied
 every anchor, as the official demo's editable mode.
 """
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -40,6 +42,7 @@ ANCHOR_RANGE = (3, 14)  # the HF demo's clamp
 OFFICIAL_SEED = 130  # seed of the official inference script
 # The DISCO fields that set array shapes (a weights file must match them).
 SIZE_FIELDS = ('spix_width', 'backbone_width', 'refine_width', 'd_model', 'num_layers', 'ffn_dim')
+BAND_PIXELS = 1 << 20  # pixels per band of full-resolution composing: ~30 MB of float temporaries
 
 
 class Colorized(NamedTuple):
@@ -51,39 +54,77 @@ class Colorized(NamedTuple):
 
 # ----------------------------------------------------------------------------- images
 
-def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
-  """`(H, W, C)` -> `(height, width, C)` float32, bilinear with half-pixel centres and clamped edges.
+def _taps(n_in: int, n_out: int):
+  """Bilinear taps with half-pixel centres and clamped edges: (lo, hi) int64 and weight t float32,
+  each `(n_out,)`."""
+  pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+  lo = np.floor(pos).astype(np.int64)
+  hi = np.minimum(lo + 1, n_in - 1)
+  return lo, hi, (pos - lo).astype(np.float32)
+
+
+def resize_bilinear(x: np.ndarray, height: int, width: int, rows: slice = slice(None),
+                    convert=None) -> np.ndarray:
+  """`(H, W, C)` -> `(height, width, C)[rows]` float32, bilinear with half-pixel centres and clamped
+  edges.
 
   The same sampling as cv2 INTER_LINEAR, which the official demo uses, so no antialiasing on
-  downsizing: the network sees what it saw there.
+  downsizing: the network sees what it saw there. `rows` picks a band of output rows, computed
+  exactly as in the whole resize. `convert` is a per-pixel conversion `(n, W, C) -> (n, W, C')`
+  applied to the input rows the band reads (at most two per output row) before blending: a large
+  image is converted only where it is sampled.
   """
-  def taps(n_in, n_out):
-    pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    return lo, hi, (pos - lo).astype(np.float32)
-
-  x = np.asarray(x, np.float32)
-  lo, hi, t = taps(x.shape[0], height)
-  x = x[lo] * (1 - t)[:, None, None] + x[hi] * t[:, None, None]  # (height, W, C)
-  lo, hi, t = taps(x.shape[1], width)
+  lo, hi, t = (a[rows] for a in _taps(x.shape[0], height))
+  read, at = np.unique(np.concatenate([lo, hi]), return_inverse=True)
+  src = np.asarray(x[read] if convert is None else convert(x[read]), np.float32)  # (n, W, C')
+  lo, hi = at[:len(t)], at[len(t):]
+  x = src[lo] * (1 - t)[:, None, None] + src[hi] * t[:, None, None]  # (rows, W, C')
+  lo, hi, t = _taps(x.shape[1], width)
   return x[:, lo] * (1 - t)[None, :, None] + x[:, hi] * t[None, :, None]
 
 
+def _lab(rgb: np.ndarray) -> np.ndarray:
+  """uint8 RGB `(..., 3)` -> float32 Lab `(..., 3)`."""
+  return colour.rgb_to_lab(rgb.astype(np.float32) / 255.0)
+
+
 def to_work_size(rgb: np.ndarray, size: int):
-  """RGB `(H, W, 3)`, uint8 or float in [0, 1] -> full-res L `(H, W)`, work-size gray `(S, S, 1)`
-  and ab_n `(S, S, 2)`."""
-  unit = rgb.astype(np.float32) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float32)
-  lab = colour.rgb_to_lab(unit)  # (H, W, 3)
-  gray, ab = colour.normalise_lab(resize_bilinear(lab, size, size))
-  return lab[..., 0], gray, ab
+  """uint8 RGB `(H, W, 3)` -> work-size gray `(S, S, 1)` and ab_n `(S, S, 2)`.
+
+  Only the rows the resize samples are converted to Lab (see `resize_bilinear`), so a large photo
+  costs no full-size float copy.
+  """
+  return colour.normalise_lab(resize_bilinear(rgb, size, size, convert=_lab))
 
 
-def compose(lightness: np.ndarray, ab_n: np.ndarray) -> np.ndarray:
-  """Full-res L `(H, W)` + work-size normalised ab `(S, S, 2)` -> uint8 RGB `(H, W, 3)`."""
-  ab = resize_bilinear(ab_n, *lightness.shape) * colour.AB_SCALE
-  lab = colour.fit_gamut(np.concatenate([lightness[..., None], ab], -1))
-  return np.rint(colour.lab_to_rgb(lab) * 255.0).astype(np.uint8)
+def band_rows(height: int, width: int):
+  """Row slices covering `height` rows of `width` pixels, about BAND_PIXELS pixels each."""
+  step = max(1, BAND_PIXELS // width)
+  return [slice(r, min(r + step, height)) for r in range(0, height, step)]
+
+
+def compose(rgb: np.ndarray, ab_n: np.ndarray) -> np.ndarray:
+  """uint8 RGB `(H, W, 3)` + work-size normalised ab `(S, S, 2)` -> uint8 RGB `(H, W, 3)` with the
+  input's full-resolution L and the ab resized to `(H, W)`, fitted into the sRGB gamut.
+
+  Composed in bands of rows (`band_rows`), one thread per core: every step is per pixel or, for the
+  resize, per output row, so each band is computed exactly as in one whole-image pass while the
+  float temporaries stay a few times BAND_PIXELS per thread; memory beyond the uint8 output is
+  constant and time linear in H x W.
+  """
+  height, width = rgb.shape[:2]
+  out = np.empty(rgb.shape, np.uint8)  # (H, W, 3)
+
+  def band(rows):
+    lightness = colour.lightness_uint8(rgb[rows])[..., None]  # (rows, W, 1)
+    ab = resize_bilinear(ab_n, height, width, rows) * colour.AB_SCALE  # (rows, W, 2)
+    srgb = colour.fitted_lab_to_rgb(np.concatenate([lightness, ab], -1))
+    out[rows] = np.rint(srgb * 255.0).astype(np.uint8)
+
+  # numpy releases the GIL inside its array loops, so threads share the cores without copies.
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    list(pool.map(band, band_rows(height, width)))  # list(): re-raises a band's exception
+  return out
 
 
 # ----------------------------------------------------------------------------- model steps
@@ -217,15 +258,15 @@ def colorize_arrays(model: disco.DISCO, variables, rgb_list: Sequence[np.ndarray
   key = jax.random.key(OFFICIAL_SEED) if key is None else key
   n = len(rgb_list)
   prepared = [to_work_size(rgb, size) for rgb in rgb_list]
-  gray = jnp.asarray(np.stack([p[1] for p in prepared]))  # (B, S, S, 1)
-  ab = np.stack([p[2] for p in prepared])  # (B, S, S, 2)
+  gray = jnp.asarray(np.stack([p[0] for p in prepared]))  # (B, S, S, 1)
+  ab = np.stack([p[1] for p in prepared])  # (B, S, S, 2)
   painted = [False] * n
   for i, hint_img in enumerate(hint_rgb or []):
     if hint_img is not None:
       if hint_img.shape != rgb_list[i].shape:
         raise ValueError(f'the hint image is {hint_img.shape[1]}x{hint_img.shape[0]} but the input '
                          f'is {rgb_list[i].shape[1]}x{rgb_list[i].shape[0]}: paint on a same-size copy')
-      ab[i], painted[i] = to_work_size(hint_img, size)[2], True
+      ab[i], painted[i] = to_work_size(hint_img, size)[1], True
   encode, decode = _steps(model)
   enc, mask = encode(variables, gray, jnp.asarray(ab), key)
   labels = np.array(alternative_labels(enc['modeler_logits'], diverse,
@@ -239,7 +280,7 @@ def colorize_arrays(model: disco.DISCO, variables, rgb_list: Sequence[np.ndarray
       labels[:, i] = apply_hints(labels[:, i], mask[i], hints[i], rgb_list[i].shape[:2], size)
   preds = [np.asarray(decode(variables, gray, enc, jnp.asarray(mask), jnp.asarray(alt)))
            for alt in labels]  # N x (B, S, S, 2)
-  return [Colorized([compose(prepared[i][0], pred[i]) for pred in preds], mask[i], labels[:, i])
+  return [Colorized([compose(rgb_list[i], pred[i]) for pred in preds], mask[i], labels[:, i])
           for i in range(n)]
 
 
@@ -326,13 +367,16 @@ def parse_args(argv):
   p.add_argument('--hints', help='JSON anchor colours (see the module docstring)')
   p.add_argument('--hint-image', help='painted copy of the single input image')
   p.add_argument('--show-anchors', action='store_true', help='also write NAME_anchors.png')
+  p.add_argument('--max-pixels', type=int, default=images.MAX_PIXELS,
+                 help='refuse larger images (default %(default)s, PIL\'s limit; about 10 bytes of '
+                 'memory per pixel)')
   args = p.parse_args(argv)
   if args.size < 16 or args.size % superpixel.STRIDE:
     p.error(f'--size {args.size}: must be a positive multiple of {superpixel.STRIDE} (256 or 512)')
   if args.anchors is not None and not ANCHOR_RANGE[0] <= args.anchors <= ANCHOR_RANGE[1]:
     p.error(f'--anchors {args.anchors}: must be in {ANCHOR_RANGE[0]}..{ANCHOR_RANGE[1]}')
-  if args.diverse < 1 or args.batch < 1:
-    p.error('--diverse and --batch must be at least 1')
+  if args.diverse < 1 or args.batch < 1 or args.max_pixels < 1:
+    p.error('--diverse, --batch and --max-pixels must be at least 1')
   if args.model and args.workdir:
     p.error('--model goes with --variables; a --workdir carries its own model sizes')
   if args.hint_image and not os.path.isfile(args.input):
@@ -353,7 +397,7 @@ def main(argv=None) -> int:
   try:
     model, variables = load_model(args)
     hints = _read_hints(args.hints) if args.hints else []
-    hint_img = images.read_rgb(args.hint_image) if args.hint_image else None
+    hint_img = images.read_rgb(args.hint_image, args.max_pixels) if args.hint_image else None
   except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -367,7 +411,7 @@ def main(argv=None) -> int:
     batch = []
     for path, stem in inputs[start:start + args.batch]:
       try:
-        batch.append((path, stem, images.read_rgb(path)))
+        batch.append((path, stem, images.read_rgb(path, args.max_pixels)))
       except images.UnreadableImage as e:
         print(f'error: {e}; skipped', file=sys.stderr)
         failed += 1
@@ -384,7 +428,9 @@ def main(argv=None) -> int:
       failed += len(batch)
       continue
     seconds = (time.perf_counter() - t0) / len(batch)
-    for (path, stem, rgb), res in zip(batch, results):
+    # Drop the inputs' pixels before the outputs are encoded: at 100+ megapixels that is the peak.
+    batch = [(path, stem, rgb.shape) for path, stem, rgb in batch]
+    for (path, stem, shape), res in zip(batch, results):
       outs = {f'{stem}.png': res.images[0]} if len(res.images) == 1 else {
           f'{stem}_c{j}.png': im for j, im in enumerate(res.images)}
       if args.show_anchors:
@@ -398,7 +444,7 @@ def main(argv=None) -> int:
         print(f'error: cannot write {out}: {e}; skipped', file=sys.stderr)
         failed += 1
         continue
-      print(f'{path}: {rgb.shape[1]}x{rgb.shape[0]}, {seconds:.2f} s')
+      print(f'{path}: {shape[1]}x{shape[0]}, {seconds:.2f} s')
   return 1 if failed else 0
 
 

@@ -57,6 +57,23 @@ def rgb_to_lab(rgb):
   return xp.stack([lum, a, b], axis=-1).astype(rgb.dtype)
 
 
+@functools.cache
+def _uint8_to_linear():
+  """`(256,)` float32: `_srgb_to_linear` of every 8-bit value v / 255."""
+  return _srgb_to_linear(np.arange(256, dtype=np.float32) / 255.0, np)
+
+
+def lightness_uint8(rgb: np.ndarray) -> np.ndarray:
+  """uint8 sRGB `(..., 3)` -> L `(...)` float32: `rgb_to_lab(rgb / 255)[..., 0]` to the bit (tested
+  over the RGB cube) for a fraction of the cost: the gamma from a 256-entry table, one cube root.
+
+  The matrix product is rgb_to_lab's own: BLAS may round a product with a 1-column matrix
+  differently, and L would then move by an ulp. Y's white is 1, so there is no division."""
+  y = (_uint8_to_linear()[rgb] @ RGB2XYZ.T.astype(np.float32))[..., 1]
+  f = np.cbrt(np.maximum(y, LAB_EPS))
+  return np.where(y > LAB_EPS, 116.0 * f - 16.0, LAB_KAPPA * y)
+
+
 def _lab_to_linear(lab, xyz2rgb, white):
   """Lab `(..., 3)` -> linear RGB `(..., 3)` before any clipping, with one converter's constants.
 
@@ -86,9 +103,23 @@ def lab_to_rgb(lab):
   return _linear_to_srgb(xp.clip(lab_to_linear_rgb(lab), 0.0, 1.0), xp).astype(lab.dtype)
 
 
-def _in_gamut(lab):
-  lin = lab_to_linear_rgb(lab)
+def _gamut_ok(lin):
+  """Linear RGB `(..., 3)` -> `(...)` bool: inside sRGB up to GAMUT_TOL."""
   return np.all((lin >= -GAMUT_TOL) & (lin <= 1.0 + GAMUT_TOL), axis=-1)
+
+
+def _in_gamut(lab):
+  return _gamut_ok(lab_to_linear_rgb(lab))
+
+
+def _shrink_chroma(sub):
+  """Out-of-gamut float32 Lab `(n, 3)` -> the same, ab scaled down by bisection until it fits."""
+  lo, hi = np.zeros(len(sub), np.float32), np.ones(len(sub), np.float32)
+  for _ in range(GAMUT_STEPS):
+    mid = (lo + hi) / 2
+    ok = _in_gamut(np.concatenate([sub[:, :1], sub[:, 1:] * mid[:, None]], -1))
+    lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+  return np.concatenate([sub[:, :1], sub[:, 1:] * lo[:, None]], -1)
 
 
 def fit_gamut(lab: np.ndarray) -> np.ndarray:
@@ -99,17 +130,20 @@ def fit_gamut(lab: np.ndarray) -> np.ndarray:
   """
   lab = np.array(lab, np.float32)
   bad = ~_in_gamut(lab)
-  if not bad.any():
-    return lab
-  sub = lab[bad]  # (n, 3)
-  lo, hi = np.zeros(len(sub), np.float32), np.ones(len(sub), np.float32)
-  for _ in range(GAMUT_STEPS):
-    mid = (lo + hi) / 2
-    ok = _in_gamut(np.concatenate([sub[:, :1], sub[:, 1:] * mid[:, None]], -1))
-    lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
-  sub[:, 1:] *= lo[:, None]
-  lab[bad] = sub
+  if bad.any():
+    lab[bad] = _shrink_chroma(lab[bad])
   return lab
+
+
+def fitted_lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+  """`lab_to_rgb(fit_gamut(lab))` for numpy Lab `(..., 3)` -> float32 sRGB `(..., 3)`, the same
+  numbers with the linear RGB of the colours already in gamut computed once instead of twice."""
+  lab = np.asarray(lab, np.float32)
+  lin = lab_to_linear_rgb(lab)
+  bad = ~_gamut_ok(lin)
+  if bad.any():
+    lin[bad] = lab_to_linear_rgb(_shrink_chroma(lab[bad]))
+  return _linear_to_srgb(np.clip(lin, 0.0, 1.0), np).astype(np.float32)
 
 
 def normalise_lab(lab):

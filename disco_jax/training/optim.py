@@ -12,7 +12,21 @@ def learning_rate_schedule(optim_config, steps_per_epoch: int):
     linear_epoch: lr (1 - (1 - final_factor) e / num_epochs), floored at lr * final_factor
     cosine_epoch: lr (1 + cos(pi e / num_epochs)) / 2   (CosineAnnealingLR, eta_min 0)
     constant:     lr
+
+  With W = warmup_steps > 0 the schedule's value is scaled by min(1, step / W): a linear ramp from
+  0 at step 0 to the schedule's own value at step W (as optax's warm-up schedules with init_value
+  0), the schedule's epochs unshifted.
   """
+  schedule = _epoch_schedule(optim_config, steps_per_epoch)
+  # .get: runs saved before warm-up existed have no such field in their config.json.
+  warmup = optim_config.get('warmup_steps', 0)
+  if warmup <= 0:
+    return schedule
+  return lambda step: schedule(step) * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup)
+
+
+def _epoch_schedule(optim_config, steps_per_epoch: int):
+  """The per-epoch schedule of `learning_rate_schedule`, without warm-up."""
   base, epochs = optim_config.learning_rate, optim_config.num_epochs
   kind = optim_config.schedule
   if kind not in SCHEDULES:

@@ -50,6 +50,8 @@ def _problems(config):
                        ('ckpt.keep', config.ckpt.keep), ('log.every_steps', config.log.every_steps)):
     if value <= 0:
       yield bad(field, value, 'must be positive')
+  if o.warmup_steps < 0:
+    yield bad('optim.warmup_steps', o.warmup_steps, 'must be >= 0 (0 = off)')
   if o.max_update_ratio < 0:
     yield bad('optim.max_update_ratio', o.max_update_ratio, 'must be >= 0 (0 = no check)')
   if config.init_from and not os.path.isfile(config.init_from):
