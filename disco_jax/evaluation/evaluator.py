@@ -20,7 +20,7 @@ from disco_jax.evaluation import metrics
 from disco_jax.models import disco
 from disco_jax.models import inception as inception_net
 from disco_jax.ops import colour
-from disco_jax.training import sharding, trainer, writers
+from disco_jax.training import sharding, tasks, trainer, writers
 from disco_jax.weights import inception as inception_weights
 
 
@@ -67,7 +67,8 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   Also serves imported official weights: `eval.py --variables disco.msgpack --config ...`.
   Writes `out_dir/metrics.json`, TensorBoard scalars and PNGs; returns the metrics.
   """
-  model = disco.from_config(config.model)
+  mesh = sharding.make_mesh(1)
+  model = disco.from_config(config.model, tasks.uses_cpu_kernels(config, mesh.devices.flat))
   inception_variables, fid_note = None, None
   if inception:
     inception_variables = inception_weights.load_inception(inception)
@@ -75,7 +76,6 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
     fid_note = ('unavailable: no InceptionV3 weights given (--inception FILE); get '
                 f'{inception_weights.PYTORCH_FID_URL} and convert it with `python -m disco_jax.weights.inception '
                 '--pytorch-fid pt_inception-2015-12-05-6726825d.pth --out inception_fid.msgpack`')
-  mesh = sharding.make_mesh(1)
   batch_shard = sharding.batch_sharding(mesh)
   eval_fn = jax.jit(make_eval_fn(model, inception_variables),
                     out_shardings=sharding.replicated(mesh))

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from disco_jax.data import images
+from disco_jax.kernels import cpu
 from disco_jax.models import disco
 from disco_jax.ops import anchors, colour, superpixel
 
@@ -243,7 +244,8 @@ def load_model(args):
   if args.workdir:
     from disco_jax.training import trainer  # imported here: pulls in the training stack
     config, variables = trainer.load_trained(args.workdir)
-    model = disco.from_config(config.model)
+    model = disco.from_config(config.model, cpu.wanted(config.model.get('cpu_kernels', 'auto'),
+                                                        jax.local_devices()))
   else:
     from disco_jax.weights import convert
     fields = {}
@@ -256,12 +258,13 @@ def load_model(args):
         fields = json.loads(text)
       except json.JSONDecodeError as e:
         raise ValueError(f'--model {args.model}: not JSON nor a JSON file ({e})') from e
-    known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name'}
+    # cpu_kernels is not a size: it follows the devices this runs on.
+    known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name', 'cpu_kernels'}
     if set(fields) - known:
       raise ValueError(f'--model: unknown fields {sorted(set(fields) - known)}; known: '
                        f'{sorted(known)}')
-    model = disco.from_config(
-        {f: getattr(disco.DISCO(), f) for f in known} | fields)
+    model = disco.from_config({f: getattr(disco.DISCO(), f) for f in known} | fields,
+                              cpu.wanted('auto', jax.local_devices()))
     variables = convert.load_variables(args.variables)
     expected = jax.eval_shape(lambda: disco.init_variables(model, 0))
     shape = lambda t: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), t)
