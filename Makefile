@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup test demo bench
 
-$(VENV)/.installed: requirements.txt
+# requirements-tpu.txt (libtpu) too: tests/test_aot.py compiles for a TPU topology on this host.
+$(VENV)/.installed: requirements.txt requirements-tpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet -r requirements.txt -r requirements-tpu.txt
 	touch $@
 
 setup: $(VENV)/.installed

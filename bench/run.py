@@ -94,8 +94,10 @@ def bench_matmul(runs, **_):
 
 
 def _model(dtype, remat):
+  import jax  # pylint: disable=g-import-not-at-top
+  from disco_jax.kernels import cpu  # pylint: disable=g-import-not-at-top
   from disco_jax.models import disco  # pylint: disable=g-import-not-at-top
-  return disco.DISCO(dtype=dtype, remat=remat)
+  return disco.DISCO(dtype=dtype, remat=remat, cpu_kernels=cpu.wanted('auto', jax.devices()))
 
 
 def bench_infer(runs, size, batch, dtype='float32', remat=False, **_):
@@ -132,10 +134,11 @@ def bench_train(runs, size, batch, dtype='float32', remat=False, **_):
   config = _train_config(size, batch, dtype, remat)
   vgg_params = jax.jit(lambda: vgg.VGG19Features().init(
       jax.random.key(1), jnp.zeros((1, 32, 32, 3)))['params'])()
-  task = tasks.DiscoTask(config, vgg_weights=(vgg_params, 'torch'))
+  mesh = sharding.make_mesh(1)
+  task = tasks.DiscoTask(config, vgg_weights=(vgg_params, 'torch'),
+                         cpu_kernels=tasks.uses_cpu_kernels(config, mesh.devices.flat))
   schedule = optim.learning_rate_schedule(config.optim, 1000)
   tx = optim.make_optimizer(config.optim, schedule, frozen=task.frozen)
-  mesh = sharding.make_mesh(1)
   abstract = jax.eval_shape(lambda: trainer.create_state(task, tx, 0))
   state_shard = sharding.tree_shardings(mesh, abstract)
   batch_shard = sharding.batch_sharding(mesh)

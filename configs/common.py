@@ -56,6 +56,8 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   # parameters, optimizer state, BatchNorm statistics and the loss stay float32
   config.model.remat = False  # recompute activations inside blocks in the backward pass: less
   # memory for about one more forward of compute
+  config.model.cpu_kernels = 'auto'  # the custom VJPs of disco_jax/kernels/cpu.py, tuned for
+  # XLA:CPU: 'on' | 'off' | 'auto' (on where the devices the step is compiled for are CPUs)
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.fsdp = 1  # devices along the 'fsdp' axis (parameter sharding); the rest is 'data'

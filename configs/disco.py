@@ -11,6 +11,8 @@ plus 5 x VGG19, SPixNet frozen from a stage-1 checkpoint (`spixnet_checkpoint`).
 Variants:
   rand  DISCO-rand: random anchor sites and the cosine schedule (CosineAnnealingLR, T_max 60).
   c02   DISCO-c0.2: colorfulness 0.2.
+  bf16  the released recipe in mixed precision (convolutions and matmuls in bfloat16), for GPUs
+        and TPUs.
   demo  the CPU demo on the photos shipped with scikit-image: small widths, 64 px random crops,
         no perceptual loss (no VGG19 weights on a fresh machine), an ab L1 term in its place.
   tiny  the smallest model, for tests.
@@ -23,7 +25,7 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import base_config  # pylint: disable=g-import-not-at-top
 
-VARIANTS = ('', 'rand', 'c02', 'demo', 'tiny')
+VARIANTS = ('', 'rand', 'c02', 'bf16', 'demo', 'tiny')
 
 
 def get_config(variant: str = ''):
@@ -54,6 +56,8 @@ def get_config(variant: str = ''):
     config.optim.schedule = 'cosine_epoch'
   elif variant == 'c02':
     config.loss.colorfulness = 0.2
+  elif variant == 'bf16':
+    m.dtype = 'bfloat16'
   elif variant in ('demo', 'tiny'):
     if variant == 'demo':
       m.update(spix_width=8, backbone_width=16, refine_width=16, d_model=32, num_layers=2,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from disco_jax import parity
+from disco_jax.models import disco
 from disco_jax.weights import convert
 from tests.conftest import make_state_dict, parity_dir
 
@@ -43,13 +44,14 @@ def variables_for_seed(parity):
   return get
 
 
+@pytest.mark.parametrize('cpu_kernels', [False, True], ids=['plain', 'cpu_kernels'])
 @pytest.mark.parametrize('case', _cases(), ids=lambda p: getattr(p, 'stem', 'none'))
-def test_stages_match_official(case, variables_for_seed):
+def test_stages_match_official(case, cpu_kernels, variables_for_seed):
   fx = dict(np.load(case))
   variables = variables_for_seed(int(fx['state_dict_seed']))
   with jax.default_matmul_precision('highest'):
     out = parity.forward_stages(variables, fx['gray'], fx['ab'], fx['anchor_mask'],
-                               fx['anchor_label'])
+                               fx['anchor_label'], disco.DISCO(cpu_kernels=cpu_kernels))
   checked = []
   for key, atol in [(k, 1e-5) for k in TIGHT] + [(k, 5e-5) for k in TRANSFORMER]:
     if key in fx:  # large cases may omit `features` and `diffused`

@@ -24,7 +24,7 @@ from disco_jax.models import disco
 from disco_jax.models import inception as inception_net
 from disco_jax.models import lpips as lpips_net
 from disco_jax.ops import colour
-from disco_jax.training import sharding, trainer, writers
+from disco_jax.training import sharding, tasks, trainer, writers
 from disco_jax.weights import inception as inception_weights
 from disco_jax.weights import lpips as lpips_weights
 
@@ -86,7 +86,8 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   Writes `out_dir/metrics.json`, TensorBoard scalars and PNGs (through epath: `out_dir` may be a
   gs:// path); returns the metrics.
   """
-  model = disco.from_config(config.model)
+  mesh = sharding.make_mesh(1)
+  model = disco.from_config(config.model, tasks.uses_cpu_kernels(config, mesh.devices.flat))
   inception_variables, fid_note = None, None
   if inception:
     inception_variables = inception_weights.load_inception(inception)
@@ -96,7 +97,6 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
                 '--pytorch-fid pt_inception-2015-12-05-6726825d.pth --out inception_fid.msgpack`')
   # Loaded before anything runs, so that a missing or bad file stops the evaluation at once.
   lpips_variables = lpips_weights.load_lpips(lpips) if lpips else None
-  mesh = sharding.make_mesh(1)
   batch_shard = sharding.batch_sharding(mesh)
   eval_fn = jax.jit(make_eval_fn(model, inception_variables, lpips_variables),
                     out_shardings=sharding.replicated(mesh))

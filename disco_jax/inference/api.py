@@ -67,7 +67,7 @@ class Colorizer:
                          'leave model= out')
       from disco_jax.training import trainer  # pylint: disable=g-import-not-at-top
       config, variables = trainer.load_trained(path)
-      return cls(disco.from_config(config.model), variables)
+      return cls(colorize.local_model(config.model), variables)
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no such file or workdir (expected a .msgpack, an official '
                               '.pth/.pth.tar, or a training workdir)')

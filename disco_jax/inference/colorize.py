@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from disco_jax.data import images
+from disco_jax.kernels import cpu
 from disco_jax.models import disco
 from disco_jax.ops import anchors, colour, superpixel
 
@@ -297,13 +298,21 @@ def list_inputs(path: str):
           for f, s in zip(found, stems)]
 
 
+def local_model(model_config) -> disco.DISCO:
+  """`config.model`'s DISCO, its `cpu_kernels` setting resolved for the devices this runs on."""
+  setting = model_config.get('cpu_kernels', 'auto')
+  fields = {k: v for k, v in dict(model_config).items() if k != 'cpu_kernels'}
+  return disco.from_config(fields, cpu.wanted(setting, jax.local_devices()))
+
+
 def model_from_fields(fields: dict) -> disco.DISCO:
   """The released DISCO with the given fields (e.g. `{"d_model": 32}`) changed."""
-  known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name'}
+  # cpu_kernels is not a size: it follows the devices this runs on.
+  known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name', 'cpu_kernels'}
   if set(fields) - known:
     raise ValueError(f'unknown DISCO fields {sorted(set(fields) - known)}; known: '
                      f'{sorted(known)}')
-  return disco.from_config({f: getattr(disco.DISCO(), f) for f in known} | dict(fields))
+  return local_model({f: getattr(disco.DISCO(), f) for f in known} | dict(fields))
 
 
 def load_weights(path, fields: Optional[dict] = None):
@@ -327,7 +336,7 @@ def load_model(args):
   if args.workdir:
     from disco_jax.training import trainer  # imported here: pulls in the training stack
     config, variables = trainer.load_trained(args.workdir)
-    model = disco.from_config(config.model)
+    model = local_model(config.model)
   else:
     fields = {}
     if args.model:

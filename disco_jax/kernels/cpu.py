@@ -8,7 +8,8 @@ XLA:CPU runs faster or in less memory (bench/NOTES.md has the figures).
 - `max_pool_2x2`: MaxPool2d(2, 2) as elementwise fusions, the gradient to each window's first maximum.
 - `rectify`: ReLU / LeakyReLU with the gradient taken from the output.
 
-`models.layers` picks these or the plain ops; nothing else calls them.
+`models.layers` picks these or the plain ops, as each module's `cpu_kernels` field says; nothing
+else calls them. `wanted` turns the `config.model.cpu_kernels` setting into that field.
 """
 import functools
 
@@ -18,6 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+SETTINGS = ('auto', 'on', 'off')  # config.model.cpu_kernels
+
+
+def wanted(setting: str, devices) -> bool:
+  """Whether to use these kernels for a computation compiled for `devices` (a mesh's or a list).
+
+  'auto' is judged from the devices rather than `jax.default_backend()`: a TPU compile on a CPU
+  host (bench/aot.py) gets the plain ops. Off CPU these kernels hurt: the input gradients' wait for
+  the kernel gradient (`_waiting_for`) also waits for its all-reduce, and banding splits one
+  autotuned convolution into many (bench/NOTES.md).
+  """
+  if setting not in SETTINGS:
+    raise ValueError(f'config.model.cpu_kernels={setting!r} must be one of {SETTINGS}')
+  if setting != 'auto':
+    return setting == 'on'
+  return all(d.platform == 'cpu' for d in devices)
 
 
 def _plain_conv3x3(x, kernel, stride, rows=(1, 1)):

@@ -22,17 +22,21 @@ class Backbone(nn.Module):
   width: int = 64
   out_features: int = 64
   dtype: Any = jnp.float32  # of the convolutions (BatchNorm statistics are float32 regardless)
+  cpu_kernels: bool = False  # kernels.cpu's custom VJPs (see models.layers)
 
   @nn.compact
   def __call__(self, gray, train: bool = False):
     w = self.width
+    k = self.cpu_kernels
     bn = lambda x, name: layers.BatchNorm(name=name)(x, train)
-    lrelu = lambda x: layers.leaky_relu(x, _SLOPE)
+    lrelu = lambda x: layers.leaky_relu(x, _SLOPE, k)
+    relu = lambda x: layers.relu(x, k)
+    conv = lambda features, name: layers.Conv(features, cpu_kernels=k, name=name)
 
     def sn_block(x, name, features, num_convs, first_stride):
       # SN convs at sequential indices 0, 2, 4 (LeakyReLU between), BatchNorm last.
       for i in range(num_convs):
-        x = layers.SNConv(features, first_stride if i == 0 else 1, name=f'{name}_{2 * i}')(
+        x = layers.SNConv(features, first_stride if i == 0 else 1, k, name=f'{name}_{2 * i}')(
             x, update=train)
         x = lrelu(x)
       return layers.block_output(bn(x, f'{name}_{2 * num_convs}'))
@@ -44,16 +48,16 @@ class Backbone(nn.Module):
     for name in ('conv5_3', 'conv6_3', 'conv7_3'):
       x = sn_block(x, name, 8 * w, 3, 1)
 
-    x = layers.Conv(4 * w, name='conv8up_1')(layers.upsample2x(x))
-    x = x + layers.Conv(4 * w, name='conv3short8_0')(c3)
-    x = layers.Conv(4 * w, name='conv8_3_1')(layers.relu(x))
-    x = layers.Conv(4 * w, name='conv8_3_3')(layers.relu(x))
-    x = layers.block_output(bn(layers.relu(x), 'conv8_3_5'))
+    x = conv(4 * w, 'conv8up_1')(layers.upsample2x(x))
+    x = x + conv(4 * w, 'conv3short8_0')(c3)
+    x = conv(4 * w, 'conv8_3_1')(relu(x))
+    x = conv(4 * w, 'conv8_3_3')(relu(x))
+    x = layers.block_output(bn(relu(x), 'conv8_3_5'))
 
-    x = layers.Conv(2 * w, name='conv9up_1')(layers.upsample2x(x))
+    x = conv(2 * w, 'conv9up_1')(layers.upsample2x(x))
     # No activation between conv9up's conv and conv9_2's: as in the official code.
-    x = layers.block_output(bn(layers.relu(layers.Conv(2 * w, name='conv9_2_0')(x)), 'conv9_2_2'))
+    x = layers.block_output(bn(relu(conv(2 * w, 'conv9_2_0')(x)), 'conv9_2_2'))
 
-    x = layers.Conv(w, name='conv10up_1')(layers.upsample2x(x))
-    x = layers.Conv(self.out_features, name='conv10_2_1')(layers.relu(x))
-    return layers.relu(x)
+    x = conv(w, 'conv10up_1')(layers.upsample2x(x))
+    x = conv(self.out_features, 'conv10_2_1')(relu(x))
+    return relu(x)

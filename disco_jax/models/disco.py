@@ -51,11 +51,14 @@ class DISCO(nn.Module):
   dtype: Any = jnp.float32
   # Training: the backbone and RefineNet keep only block outputs for the backward pass.
   remat: bool = False
+  # kernels.cpu's custom VJPs in the CNNs (see models.layers): `kernels.cpu.wanted` of
+  # config.model.cpu_kernels and the devices the model runs on.
+  cpu_kernels: bool = False
 
   def setup(self):
-    self.segnet = SPixNet(self.spix_width, self.dtype)
+    self.segnet = SPixNet(self.spix_width, self.dtype, self.cpu_kernels)
     self.repnet = layers.rematerialised(Backbone, self.remat, static_argnums=(2,))(
-        self.backbone_width, self.d_model, self.dtype)
+        self.backbone_width, self.d_model, self.dtype, self.cpu_kernels)
     encoder = lambda: Encoder(self.num_layers, self.num_heads, self.ffn_dim, self.dropout,
                               self.dtype)
     self.wildpath = encoder()  # colour modeler
@@ -66,7 +69,7 @@ class DISCO(nn.Module):
     self.trg_word_emb = linear(self.d_model)
     self.trg_word_prj = linear(colour.NUM_BINS)
     self.enhanceNet = layers.rematerialised(RefineNet, self.remat, static_argnums=(3,))(
-        self.refine_width, dtype=self.dtype)
+        self.refine_width, dtype=self.dtype, cpu_kernels=self.cpu_kernels)
 
   def encode(self, gray, ab, train: bool = False):
     """Everything up to the colour modeler's logits.
@@ -171,9 +174,10 @@ def count_params(params, prefix: Optional[str] = None) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def from_config(model_config) -> DISCO:
-  """A DISCO module from the `config.model` fields of `configs/disco.py`."""
-  fields = dict(model_config)
+def from_config(model_config, cpu_kernels: bool = False) -> DISCO:
+  """A DISCO module from the `config.model` fields of `configs/disco.py`; `cpu_kernels` is the
+  resolved `config.model.cpu_kernels` setting (`kernels.cpu.wanted`)."""
+  fields = dict(model_config, cpu_kernels=cpu_kernels)
   dtype = jnp.dtype(fields.get('dtype', 'float32')).name
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={fields['dtype']!r} must be one of {DTYPES}")

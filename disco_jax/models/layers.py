@@ -9,7 +9,13 @@
 - `max_pool_2x2`: PyTorch's MaxPool2d(2, 2), gradient to the first maximum.
 - `relu`, `leaky_relu`: flax's, with the gradient taken from the output to save memory.
 
-Convolutions, the max pool and the activations run through `kernels.cpu`'s custom VJPs.
+With `cpu_kernels`, convolutions, the max pool and the activations run through `kernels.cpu`'s
+custom VJPs (faster or smaller backward passes on XLA:CPU); without, through the plain ops
+(`lax.conv_general_dilated`, `nn.max_pool`, `nn.relu`), which accelerators schedule and overlap
+better. `Conv`, `SNConv` and the networks of `models` have a `cpu_kernels` field, False by
+default, that they pass down (`config.model.cpu_kernels`, resolved by `kernels.cpu.wanted`). The
+functions take the kernels by default: `tests/test_layers.py` pins their CPU behaviour through
+them.
 """
 from typing import Callable
 
@@ -41,17 +47,20 @@ def torch_bias_init(fan_in: int) -> Callable:
   return init
 
 
-def conv2d(x, kernel, stride=1):
+def conv2d(x, kernel, stride=1, cpu_kernels=True):
   """3x3 convolution, padding 1 on every side. x `(B, H, W, Ci)`, kernel `(3, 3, Ci, Co)`.
 
   `x` may also be a tuple of arrays whose channels add up to Ci: the convolution of their channel
-  concatenation, which the backward pass then rebuilds from the parts instead of keeping it (the
-  parts are usually kept anyway, as inputs of other convolutions).
+  concatenation, which with `cpu_kernels` the backward pass rebuilds from the parts instead of
+  keeping it (the parts are usually kept anyway, as inputs of other convolutions).
   """
+  if not cpu_kernels:
+    x = jnp.concatenate(x, -1) if isinstance(x, tuple) else x
+    return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride),
+                                        ((1, 1), (1, 1)), dimension_numbers=_DN)
   if isinstance(x, tuple):
     return cpu.conv3x3_parts(x, kernel.astype(x[0].dtype), stride)
   return cpu.conv3x3(x, kernel.astype(x.dtype), stride)
-
 
 
 class Conv(nn.Module):
@@ -59,6 +68,7 @@ class Conv(nn.Module):
   stride: int = 1
   use_bias: bool = True
   kernel_init: Callable = xavier_uniform
+  cpu_kernels: bool = False  # see the module docstring
 
   @nn.compact
   def __call__(self, x):
@@ -66,7 +76,7 @@ class Conv(nn.Module):
     ci = sum(p.shape[-1] for p in x) if isinstance(x, tuple) else x.shape[-1]
     fan_in = 9 * ci
     kernel = self.param('kernel', self.kernel_init, (3, 3, ci, self.features))
-    y = conv2d(x, kernel, self.stride)
+    y = conv2d(x, kernel, self.stride, self.cpu_kernels)
     if self.use_bias:
       y = y + self.param('bias', torch_bias_init(fan_in), (self.features,)).astype(y.dtype)
     return y
@@ -86,6 +96,7 @@ class SNConv(nn.Module):
   """
   features: int
   stride: int = 1
+  cpu_kernels: bool = False  # see the module docstring
 
   @nn.compact
   def __call__(self, x, update: bool = False):
@@ -114,7 +125,7 @@ class SNConv(nn.Module):
       if self.is_mutable_collection('spectral') and not self.is_initializing():
         u_var.value, v_var.value = u, v
     sigma = jnp.dot(u, jnp.dot(mat, v, precision=jax.lax.Precision.HIGHEST))
-    return conv2d(x, kernel / sigma, self.stride) + bias.astype(x.dtype)
+    return conv2d(x, kernel / sigma, self.stride, self.cpu_kernels) + bias.astype(x.dtype)
 
 
 class ConvTranspose(nn.Module):
@@ -138,10 +149,11 @@ class ConvTranspose(nn.Module):
     return y + bias.astype(y.dtype)
 
 
-
-def max_pool_2x2(x):
+def max_pool_2x2(x, cpu_kernels=True):
   """MaxPool2d(2, 2): `(B, H, W, C)` -> `(B, H // 2, W // 2, C)`, odd sizes floored; the gradient
   goes to each window's first maximum, as torch routes it."""
+  if not cpu_kernels:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
   return cpu.max_pool_2x2(x)
 
 
@@ -209,18 +221,20 @@ def upsample2x(x):
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-def relu(x):
-  """`nn.relu`, with the same gradient (0 at x = 0) taken from the output: see `leaky_relu`."""
-  return cpu.rectify(x, 0.0)
+def relu(x, cpu_kernels=True):
+  """`nn.relu`, with `cpu_kernels` the same gradient (0 at x = 0) taken from the output: see
+  `leaky_relu`."""
+  return cpu.rectify(x, 0.0) if cpu_kernels else nn.relu(x)
 
 
-def leaky_relu(x, slope):
+def leaky_relu(x, slope, cpu_kernels=True):
   """`nn.leaky_relu(x, slope)`, slope > 0, with the same gradient (1 at x = 0) taken from the output.
 
   Autodiff of `nn.relu`/`nn.leaky_relu` keeps the input for the backward pass: after a convolution
   that is a second activation-sized array besides the output, which the next convolution keeps
   anyway. Their sign is the same, so the backward pass needs only the output (bench/NOTES.md).
+  Without `cpu_kernels`, flax's: XLA on accelerators fuses the activation into its neighbours.
   """
   if slope <= 0:
     raise ValueError(f'leaky_relu: slope must be positive, got {slope}')
-  return cpu.rectify(x, slope)
+  return cpu.rectify(x, slope) if cpu_kernels else nn.leaky_relu(x, slope)

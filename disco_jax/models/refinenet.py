@@ -15,46 +15,54 @@ class _ConvBlock(nn.Module):
   """inConv: Conv -> ReLU -> Conv -> ReLU -> BN (indices inConv.0, conv.0, conv.2). `x` may be a
   tuple of arrays to concatenate along channels (`layers.conv2d`)."""
   features: int
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train):
-    x = layers.relu(layers.Conv(self.features, name='inConv_0')(x))
-    x = layers.relu(layers.Conv(self.features, name='conv_0')(x))
+    conv = lambda name: layers.Conv(self.features, cpu_kernels=self.cpu_kernels, name=name)
+    x = layers.relu(conv('inConv_0')(x), self.cpu_kernels)
+    x = layers.relu(conv('conv_0')(x), self.cpu_kernels)
     return layers.block_output(layers.BatchNorm(name='conv_2')(x, train))
 
 
 class _DownBlock(nn.Module):
   """Conv s2 -> ReLU -> Conv -> ReLU -> BN (indices 0, 2, 4)."""
   features: int
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train):
-    x = layers.relu(layers.Conv(self.features, 2, name='conv_0')(x))
-    x = layers.relu(layers.Conv(self.features, name='conv_2')(x))
+    conv = lambda stride, name: layers.Conv(self.features, stride, cpu_kernels=self.cpu_kernels,
+                                            name=name)
+    x = layers.relu(conv(2, 'conv_0')(x), self.cpu_kernels)
+    x = layers.relu(conv(1, 'conv_2')(x), self.cpu_kernels)
     return layers.block_output(layers.BatchNorm(name='conv_4')(x, train))
 
 
 class _ResidualBlock(nn.Module):
   """ReLU(x + Conv(ReLU(SNConv(Conv(x))))): no norm, no activation between the first two convs."""
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train):
-    c = x.shape[-1]
-    r = layers.Conv(c, name='conv_0')(x)
-    r = layers.relu(layers.SNConv(c, name='conv_1')(r, update=train))
-    return layers.block_output(layers.relu(x + layers.Conv(c, name='conv_3')(r)))
+    c, k = x.shape[-1], self.cpu_kernels
+    r = layers.Conv(c, cpu_kernels=k, name='conv_0')(x)
+    r = layers.relu(layers.SNConv(c, cpu_kernels=k, name='conv_1')(r, update=train), k)
+    return layers.block_output(layers.relu(x + layers.Conv(c, cpu_kernels=k, name='conv_3')(r), k))
 
 
 class _UpBlock(nn.Module):
   """Conv -> nearest x2 -> Conv(cat[x, skip]) -> ReLU -> 2 x [Conv, ReLU] -> BN."""
   features: int
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, skip, train):
-    x = layers.upsample2x(layers.Conv(self.features, name='conv1')(x))
-    x = layers.relu(layers.Conv(self.features, name='combine')((x, skip)))
-    x = layers.relu(layers.Conv(self.features, name='conv2_0')(x))
-    x = layers.relu(layers.Conv(self.features, name='conv2_2')(x))
+    conv = lambda name: layers.Conv(self.features, cpu_kernels=self.cpu_kernels, name=name)
+    x = layers.upsample2x(conv('conv1')(x))
+    x = layers.relu(conv('combine')((x, skip)), self.cpu_kernels)
+    x = layers.relu(conv('conv2_0')(x), self.cpu_kernels)
+    x = layers.relu(conv('conv2_2')(x), self.cpu_kernels)
     return layers.block_output(layers.BatchNorm(name='conv2_4')(x, train))
 
 
@@ -63,15 +71,18 @@ class RefineNet(nn.Module):
   width: int = 64
   num_residual: int = 3
   dtype: Any = jnp.float32  # of the convolutions (BatchNorm statistics are float32 regardless)
+  cpu_kernels: bool = False  # kernels.cpu's custom VJPs (see models.layers)
 
   @nn.compact
   def __call__(self, gray, diffused, train: bool = False):
-    w = self.width
-    x0 = _ConvBlock(w, name='inConv')((gray.astype(self.dtype), diffused.astype(self.dtype)), train)
-    x1 = _DownBlock(2 * w, name='down1')(x0, train)
-    x = _DownBlock(4 * w, name='down2')(x1, train)
+    w, k = self.width, self.cpu_kernels
+    x0 = _ConvBlock(w, k, name='inConv')((gray.astype(self.dtype), diffused.astype(self.dtype)),
+                                         train)
+    x1 = _DownBlock(2 * w, k, name='down1')(x0, train)
+    x = _DownBlock(4 * w, k, name='down2')(x1, train)
     for i in range(self.num_residual):
-      x = _ResidualBlock(name=f'residual_{i}')(x, train)
-    x = _UpBlock(2 * w, name='up2')(x, x1, train)
-    x = _UpBlock(w, name='up1')(x, x0, train)
-    return jnp.tanh(layers.Conv(2, name='outConv')(x).astype(layers.at_least_float32(self.dtype)))
+      x = _ResidualBlock(k, name=f'residual_{i}')(x, train)
+    x = _UpBlock(2 * w, k, name='up2')(x, x1, train)
+    x = _UpBlock(w, k, name='up1')(x, x0, train)
+    return jnp.tanh(layers.Conv(2, cpu_kernels=k, name='outConv')(x).astype(
+        layers.at_least_float32(self.dtype)))

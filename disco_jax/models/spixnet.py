@@ -17,16 +17,18 @@ class SPixNet(nn.Module):
   """
   width: int = 16
   dtype: Any = jnp.float32  # of the convolutions; the softmax is float32
+  cpu_kernels: bool = False  # kernels.cpu's custom VJPs (see models.layers)
 
   def _conv(self, x, features, name, train, stride=1):
     # conv(ci, co, stride): bias-free conv -> BN -> LeakyReLU(0.1); torch indices .0 and .1.
     x = layers.Conv(features, stride, use_bias=False, kernel_init=nn.initializers.he_normal(),
-                    name=f'{name}_0')(x)
+                    cpu_kernels=self.cpu_kernels, name=f'{name}_0')(x)
     x = layers.BatchNorm(name=f'{name}_1')(x, train)
-    return layers.block_output(layers.leaky_relu(x, _SLOPE))
+    return layers.block_output(layers.leaky_relu(x, _SLOPE, self.cpu_kernels))
 
   def _deconv(self, x, features, name):
-    return layers.leaky_relu(layers.ConvTranspose(features, name=f'{name}_0')(x), _SLOPE)
+    return layers.leaky_relu(layers.ConvTranspose(features, name=f'{name}_0')(x), _SLOPE,
+                             self.cpu_kernels)
 
   @nn.compact
   def __call__(self, gray, train: bool = False):
@@ -41,5 +43,5 @@ class SPixNet(nn.Module):
       up = self._deconv(x, w << level, f'deconv{level}')
       x = self._conv(jnp.concatenate([skips[level], up], -1), w << level, f'conv{level}_1', train)
     logits = layers.Conv(NUM_NEIGHBOURS, kernel_init=nn.initializers.he_normal(),
-                         name='pred_mask0')(x)
+                         cpu_kernels=self.cpu_kernels, name='pred_mask0')(x)
     return nn.softmax(logits.astype(layers.at_least_float32(self.dtype)), axis=-1)

@@ -37,16 +37,17 @@ class VGG19Features(nn.Module):
   C = 64, 128, 256, 512, 512 (pools floor odd sizes, as torch's MaxPool2d(2, 2) does).
   """
   dtype: Any = jnp.float32  # of the convolutions
+  cpu_kernels: bool = False  # kernels.cpu's max pool and ReLU (see models.layers)
 
   @nn.compact
   def __call__(self, x):
     features = []
     for b, (channels, n) in enumerate(_BLOCKS, 1):
       if b > 1:
-        x = layers.max_pool_2x2(x)
+        x = layers.max_pool_2x2(x, self.cpu_kernels)
       for i in range(1, n + 1):
         x = layers.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                            name=f'conv{b}_{i}')(x))
+                                name=f'conv{b}_{i}')(x), self.cpu_kernels)
         if i == 1:
           features.append(x)
       x = layers.block_output(x)
@@ -72,18 +73,20 @@ def check_mode(mode, where):
     raise ValueError(f'{where}: unknown VGG19 preprocessing mode {mode!r}; expected one of {MODES}')
 
 
-def perceptual_loss(params, mode, rgb_pred, rgb_gt, dtype=jnp.float32, remat=False):
+def perceptual_loss(params, mode, rgb_pred, rgb_gt, dtype=jnp.float32, remat=False,
+                    cpu_kernels=False):
   """L_vgg between RGB batches `(B, H, W, 3)`; a float32 scalar. `mode` is static under jit.
 
   The convolutions run in `dtype` (bfloat16 for mixed precision), the distances in float32;
-  `remat` keeps only block outputs of the prediction's forward for the backward pass.
+  `remat` keeps only block outputs of the prediction's forward for the backward pass;
+  `cpu_kernels` as `VGG19Features`'.
 
   Only the prediction gets a gradient: the ground-truth features are detached. This is DISCO's
   behaviour before 2024; the official repository at HEAD detaches the prediction's features instead
   (commit 3c48626), which leaves the RefineNet with no gradient at all, so we do not follow it.
   """
   # The VGG is frozen: no gradient reaches its weights even if a caller differentiates them.
-  vgg19 = layers.rematerialised(VGG19Features, remat)(dtype)
+  vgg19 = layers.rematerialised(VGG19Features, remat)(dtype, cpu_kernels)
   net = lambda x: vgg19.apply({'params': jax.lax.stop_gradient(params)}, x)
   # Two forwards, not one over the concatenated batch: through a concatenation the backward pass
   # would run the whole VGG over the ground-truth half too, only to produce zeros.

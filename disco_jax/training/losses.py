@@ -48,27 +48,29 @@ def spixel_loss(assoc, ab_n, ab_weight=10.0, xy_weight=0.003):
   return ab_weight * ab_term + xy_weight * xy_term
 
 
-def perceptual_loss(vgg_params, vgg_mode, gray, ab_pred, ab_gt, dtype=jnp.float32, remat=False):
+def perceptual_loss(vgg_params, vgg_mode, gray, ab_pred, ab_gt, dtype=jnp.float32, remat=False,
+                    cpu_kernels=False):
   """The VGG19 term on RGB built from Lab(L_gt, ab_pred) and Lab(L_gt, ab_gt).
 
   gray `(B, H, W, 1)`, ab_pred and ab_gt `(B, H, W, 2)`, all normalised; VGG19 runs in `dtype`,
-  rematerialised with `remat`.
+  rematerialised with `remat`, with kernels.cpu's ops if `cpu_kernels`.
   """
   rgb_pred = colour.lab_to_rgb_for_loss(gray, ab_pred)
   rgb_gt = colour.lab_to_rgb_for_loss(gray, ab_gt)
-  return vgg.perceptual_loss(vgg_params, vgg_mode, rgb_pred, rgb_gt, dtype, remat)
+  return vgg.perceptual_loss(vgg_params, vgg_mode, rgb_pred, rgb_gt, dtype, remat, cpu_kernels)
 
 
 def disco_loss(outputs, gray, ab, class_weights, vgg_params=None, vgg_mode='torch',
-               perceptual_weight=5.0, ab_l1_weight=0.0, dtype=jnp.float32, remat=False):
+               perceptual_weight=5.0, ab_l1_weight=0.0, dtype=jnp.float32, remat=False,
+               cpu_kernels=False):
   """Total loss of the released recipe and its terms: CE_w(modeler) + CE_w(generator) + 5 L_vgg.
 
   outputs: the dict of `DISCO.__call__` in training (its `anchor_label` holds the GT bin of every
   token, the targets of both heads). Returns (total, {term: value}); the terms are the weighted
   values that make up the total. A positive `perceptual_weight` needs VGG19 weights.
   `ab_l1_weight` adds mean |ab_pred - ab|, which the official recipe does not have: it gives the
-  RefineNet a training signal when there are no VGG19 weights (the CPU demo). `dtype` and
-  `remat`: VGG19's compute dtype and rematerialisation (config.model.dtype and .remat).
+  RefineNet a training signal when there are no VGG19 weights (the CPU demo). `dtype`, `remat` and
+  `cpu_kernels`: VGG19's compute dtype, rematerialisation and ops (as the model's).
   """
   labels = outputs['anchor_label']
   terms = {
@@ -80,7 +82,7 @@ def disco_loss(outputs, gray, ab, class_weights, vgg_params=None, vgg_mode='torc
       raise ValueError('a perceptual loss weight above 0 needs VGG19 weights:\n'
                        + vgg19.missing_weights_message(None))
     terms['perceptual'] = perceptual_weight * perceptual_loss(
-        vgg_params, vgg_mode, gray, outputs['ab_pred'], ab, dtype, remat)
+        vgg_params, vgg_mode, gray, outputs['ab_pred'], ab, dtype, remat, cpu_kernels)
   if ab_l1_weight > 0:
     terms['ab_l1'] = ab_l1_weight * jnp.mean(jnp.abs(outputs['ab_pred'] - ab))
   return sum(terms.values()), terms

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from disco_jax.kernels import cpu
 from disco_jax.models import disco, layers
 from disco_jax.models.spixnet import SPixNet
 from disco_jax.ops import colour, superpixel
@@ -32,9 +33,10 @@ class SpixTask:
   mutable = ('batch_stats',)
   frozen = ()
 
-  def __init__(self, config):
+  def __init__(self, config, cpu_kernels: bool = False):
     # .get: runs saved before these switches existed have neither field in their config.json.
-    self.model = SPixNet(config.model.spix_width, jnp.dtype(config.model.get('dtype', 'float32')))
+    self.model = SPixNet(config.model.spix_width, jnp.dtype(config.model.get('dtype', 'float32')),
+                         cpu_kernels)
     self.loss_config = config.loss
     self.remat = config.model.get('remat', False)
 
@@ -136,8 +138,8 @@ class DiscoTask:
   mutable = ('batch_stats', 'spectral')
   frozen = ('segnet',)
 
-  def __init__(self, config, spixnet_variables=None, vgg_weights=None):
-    self.model = disco.from_config(config.model)
+  def __init__(self, config, spixnet_variables=None, vgg_weights=None, cpu_kernels: bool = False):
+    self.model = disco.from_config(config.model, cpu_kernels)
     self.class_weights = jnp.asarray(colour.class_weights(config.loss.colorfulness))
     self.perceptual_weight = config.loss.perceptual_weight
     self.ab_l1_weight = config.loss.ab_l1_weight
@@ -173,7 +175,8 @@ class DiscoTask:
         rngs={'dropout': k_drop, 'anchors': k_anchor}, mutable=list(self.mutable))
     total, terms = losses.disco_loss(out, batch['gray'], batch['ab'], self.class_weights,
                                      self.vgg_params, self.vgg_mode, self.perceptual_weight,
-                                     self.ab_l1_weight, self.model.dtype, self.model.remat)
+                                     self.ab_l1_weight, self.model.dtype, self.model.remat,
+                                     self.model.cpu_kernels)
     return total, (terms, new_state, out)
 
   def eval_terms(self, params, model_state, batch, rng):
@@ -185,7 +188,7 @@ class DiscoTask:
       o = jax.tree_util.tree_map(lambda x: x[None], o)
       return losses.disco_loss(o, gray[None], ab[None], self.class_weights, self.vgg_params,
                                self.vgg_mode, self.perceptual_weight, self.ab_l1_weight,
-                               self.model.dtype, self.model.remat)[1]
+                               self.model.dtype, self.model.remat, self.model.cpu_kernels)[1]
 
     keys = ('anchor_label', 'modeler_logits', 'generator_logits', 'ab_pred')
     return jax.vmap(one)({k: out[k] for k in keys}, batch['gray'], batch['ab'])
@@ -216,12 +219,21 @@ class DiscoTask:
         arrays['anchor_mask'], _rgb(gray, ab))]
 
 
-def make_task(config):
-  """The task of `config.task`, with its frozen inputs (SPixNet, VGG19) loaded."""
+def uses_cpu_kernels(config, devices) -> bool:
+  """`config.model.cpu_kernels` for a step compiled for `devices` (a mesh's `devices.flat`):
+  'auto' means on where they are CPUs."""
+  # .get: runs saved before the switch existed have no such field in their config.json.
+  return cpu.wanted(config.model.get('cpu_kernels', 'auto'), devices)
+
+
+def make_task(config, devices=None):
+  """The task of `config.task` for a step compiled for `devices` (default: all of them, as
+  train.py's mesh), with its frozen inputs (SPixNet, VGG19) loaded."""
+  cpu_kernels = uses_cpu_kernels(config, jax.devices() if devices is None else devices)
   if config.task == 'spixnet':
-    return SpixTask(config)
+    return SpixTask(config, cpu_kernels)
   vgg_weights = None
   if config.loss.perceptual_weight > 0:
     vgg_weights = vgg19.load_vgg19(config.loss.vgg_weights)
   spix = load_spixnet_variables(config.spixnet_checkpoint) if config.spixnet_checkpoint else None
-  return DiscoTask(config, spix, vgg_weights)
+  return DiscoTask(config, spix, vgg_weights, cpu_kernels)

@@ -204,7 +204,7 @@ def set_up(config, workdir: str) -> Run:
   shard in place)."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.fsdp)
-  task = tasks.make_task(config)
+  task = tasks.make_task(config, mesh.devices.flat)
   steps_per_epoch = pipeline.steps_per_epoch(config)  # prepares the dataset where needed (logged)
   total_steps = (config.optim.num_steps if config.optim.num_steps > 0
                  else config.optim.num_epochs * steps_per_epoch)
@@ -415,11 +415,13 @@ def restore_trained(workdir: str, step=None, best: bool = False, config=None):
   """
   config = load_config(workdir) if config is None else config
   # The frozen inputs (SPixNet file, VGG19) live in the checkpoint or are not needed to evaluate.
-  task = tasks.SpixTask(config) if config.task == 'spixnet' else tasks.DiscoTask(config)
+  mesh = sharding.make_mesh(1)
+  cpu_kernels = tasks.uses_cpu_kernels(config, mesh.devices.flat)
+  task = (tasks.SpixTask(config, cpu_kernels) if config.task == 'spixnet'
+          else tasks.DiscoTask(config, cpu_kernels=cpu_kernels))
   tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 1),
                             frozen=task.frozen)
   abstract = jax.eval_shape(lambda: create_state(task, tx, config.seed))
-  mesh = sharding.make_mesh(1)
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
       abstract)

@@ -8,6 +8,7 @@ import os
 import jax
 
 from disco_jax.data import pipeline
+from disco_jax.kernels import cpu
 from disco_jax.models import disco
 from disco_jax.training import optim, tasks
 
@@ -41,6 +42,8 @@ def _problems(config):
     yield bad('model.dtype', config.model.dtype, f'must be one of {disco.DTYPES}')
   if not isinstance(config.model.remat, bool):
     yield bad('model.remat', config.model.remat, 'must be True or False')
+  if config.model.cpu_kernels not in cpu.SETTINGS:
+    yield bad('model.cpu_kernels', config.model.cpu_kernels, f'must be one of {cpu.SETTINGS}')
   o = config.optim
   if o.schedule not in optim.SCHEDULES:
     yield bad('optim.schedule', o.schedule, f'must be one of {optim.SCHEDULES}')
