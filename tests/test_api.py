@@ -5,7 +5,6 @@ work size, loaded from a converted .msgpack or an official-format .pth.
 tiny random model at work size 64 keeps this fast; what is tested is the recipe, not the colours.
 """
 import contextlib
-import importlib.util
 import time
 
 import jax
@@ -18,6 +17,7 @@ from disco_jax.models import disco
 from disco_jax.ops import colour
 from disco_jax.weights import convert
 from tests import torch_writer
+from tests.conftest import make_state_dict
 
 TINY = dict(spix_width=4, backbone_width=8, refine_width=8, d_model=16, num_layers=2, num_heads=2,
             ffn_dim=32, num_anchors=3)
@@ -131,13 +131,11 @@ def test_load_refuses_misfitting_and_missing_files(colorizer, tmp_path):
 def test_load_official_pth_without_torch(parity, tmp_path):
   """The released model's state dict (the parity fixtures' deterministic weights), written in
   torch's zip format here: Colorizer.load converts it as the converter does, bit for bit."""
-  spec = importlib.util.spec_from_file_location('make_state_dict', parity / 'make_state_dict.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  state_dict = module.make_state_dict(parity / 'official_keys.tsv', seed=3)
+  state_dict = make_state_dict(parity, 3)
   path = torch_writer.save_state_dict(tmp_path / 'disco-beta.pth.tar', state_dict)
   loaded = Colorizer.load(path)
-  assert loaded.model == disco.DISCO()
+  # The released sizes; cpu_kernels follows the devices (on here: tests run on CPUs).
+  assert loaded.model == disco.DISCO(cpu_kernels=True)
   expected = convert.variables_from_state_dict(state_dict)
   flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v)
                     for k, v in jax.tree_util.tree_leaves_with_path(t)}

@@ -8,9 +8,6 @@ one local file, and nothing is sent anywhere.
 """
 import argparse
 import sys
-import warnings
-
-from PIL import Image
 
 from disco_jax.app import server
 from disco_jax.inference import colorize
@@ -40,7 +37,5 @@ def main(argv=None) -> int:
   except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  # PIL only warns between its pixel limit and twice it; refuse there too, before decoding.
-  warnings.simplefilter('error', Image.DecompressionBombWarning)
   server.serve(server.App(model, variables), args.port, args.host)
   return 0

@@ -64,16 +64,14 @@ def read_upload(data: bytes, name: str) -> np.ndarray:
     with open(path, 'wb') as f:
       f.write(data)
     try:
-      rgb = images.read_rgb(path)
+      # The page's limit, checked from the header before anything is decoded.
+      rgb = images.read_rgb(path, max_pixels=MAX_PIXELS)
     except images.UnreadableImage as e:
       raise PageError(str(e).replace(path, name)) from e
   height, width = rgb.shape[:2]
   if min(height, width) < MIN_SIDE:
     raise PageError(f'{name}: {width}x{height} pixels; each side needs at least {MIN_SIDE} '
                     'pixels (one superpixel cell)')
-  if height * width > MAX_PIXELS:
-    raise PageError(f'{name}: {width}x{height} is {height * width / 1e6:.0f} megapixels; the page '
-                    f'takes at most {MAX_PIXELS / 1e6:.0f}: downscale it first')
   return rgb
 
 
