@@ -1,4 +1,5 @@
-"""bench/aot.py: the tiny config's training step compiled for 4 v5e chips, with no TPU here."""
+"""bench/aot.py: the tiny config's training step compiled for 4 v5e chips, with no TPU here; the
+mesh over TPU slices as libtpu describes them."""
 import importlib.util
 import json
 import pathlib
@@ -12,8 +13,41 @@ sys.path.insert(0, str(REPO / 'bench'))
 import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                    reason='libtpu is not installed: pip install -r requirements-tpu.txt')
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason='libtpu is not installed: pip install -r requirements-tpu.txt')
+
+# Prints, per row of the ('data', 'fsdp') mesh, each device's (slice, x, y).
+MESH_SCRIPT = """
+import json, sys
+sys.path.insert(0, 'bench')
+import aot
+from disco_jax.training import sharding
+for topology, slices, fsdp in (('v5e:2x2', 2, 4), ('v5e:2x4', 1, 2)):
+  mesh = sharding.make_mesh(fsdp, aot.topology_devices(topology, slices))
+  print(json.dumps([[[d.slice_index, *d.coords[:2]] for d in row] for row in mesh.devices]))
+"""
+
+
+@needs_libtpu
+def test_mesh_keeps_fsdp_on_ici_neighbours_and_data_across_slices():
+  proc = subprocess.run([sys.executable, '-c', MESH_SCRIPT], capture_output=True, text=True,
+                        check=False, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  two_slices, one_slice = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('[')]
+  # 2 slices of 2x2, fsdp 4: each row is one whole slice, the 'data' axis goes across them.
+  assert [sorted({s for s, _, _ in row}) for row in two_slices] == [[0], [1]]
+  for row in two_slices:  # the fsdp group in ring order: each chip beside the next (ICI)
+    xy = [(x, y) for _, x, y in row]
+    assert sorted(xy) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(xy, xy[1:] + xy[:1]))
+  # One 2x4 slice, fsdp 2: each pair of chips is a pair of neighbours.
+  assert len(one_slice) == 4
+  for row in one_slice:
+    (_, x0, y0), (_, x1, y1) = row
+    assert abs(x0 - x1) + abs(y0 - y1) == 1, one_slice
+
+
+@needs_libtpu
 def test_tiny_train_step_compiles_for_v5e_2x2():
   # A process of its own: libtpu's environment must be set before jax loads, and this one's jax
   # already has its 4 CPU devices.
