@@ -97,7 +97,9 @@ def _model(dtype, remat):
   import jax  # pylint: disable=g-import-not-at-top
   from disco_jax.kernels import cpu  # pylint: disable=g-import-not-at-top
   from disco_jax.models import disco  # pylint: disable=g-import-not-at-top
-  return disco.DISCO(dtype=dtype, remat=remat, cpu_kernels=cpu.wanted('auto', jax.devices()))
+  platform = jax.devices()[0].platform
+  return disco.DISCO(dtype=dtype, remat=remat, cpu_kernels=cpu.wanted('auto', jax.devices()),
+                     matmul_precision=disco.matmul_precision('auto', platform))
 
 
 def bench_infer(runs, size, batch, dtype='float32', remat=False, **_):
@@ -136,7 +138,8 @@ def bench_train(runs, size, batch, dtype='float32', remat=False, **_):
       jax.random.key(1), jnp.zeros((1, 32, 32, 3)))['params'])()
   mesh = sharding.make_mesh(1)
   task = tasks.DiscoTask(config, vgg_weights=(vgg_params, 'torch'),
-                         cpu_kernels=tasks.uses_cpu_kernels(config, mesh.devices.flat))
+                         cpu_kernels=tasks.uses_cpu_kernels(config, mesh.devices.flat),
+                         platform=mesh.devices.flat[0].platform)
   schedule = optim.learning_rate_schedule(config.optim, 1000)
   tx = optim.make_optimizer(config.optim, schedule, frozen=task.frozen)
   abstract = jax.eval_shape(lambda: trainer.create_state(task, tx, 0))

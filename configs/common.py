@@ -58,6 +58,9 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   # memory for about one more forward of compute
   config.model.cpu_kernels = 'auto'  # the custom VJPs of disco_jax/kernels/cpu.py, tuned for
   # XLA:CPU: 'on' | 'off' | 'auto' (on where the devices the step is compiled for are CPUs)
+  config.model.matmul_precision = 'auto'  # of the superpixel pooling einsums: 'default' |
+  # 'high' | 'highest' | 'auto' (per platform: 'highest' on CPU and GPU, 'default' on TPU; see
+  # disco_jax/models/disco.py)
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.fsdp = 1  # devices along the 'fsdp' axis (parameter sharding); the rest is 'data'

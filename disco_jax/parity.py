@@ -51,7 +51,7 @@ def parity_config(dtype='float32'):
   return ml_collections.ConfigDict(dict(
       model=dict(spix_width=16, backbone_width=64, refine_width=64, d_model=64, num_layers=6,
                  num_heads=8, ffn_dim=256, dropout=0.0, num_anchors=8, random_anchors=False,
-                 dtype=dtype, remat=False),
+                 dtype=dtype, remat=False, matmul_precision='highest'),
       loss=dict(colorfulness=0.5, perceptual_weight=0.0, vgg_weights='', ab_l1_weight=1.0)))
 
 

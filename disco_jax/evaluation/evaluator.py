@@ -87,7 +87,8 @@ def evaluate(config, variables, out_dir, step=None, inception=None, num_images=8
   gs:// path); returns the metrics.
   """
   mesh = sharding.make_mesh(1)
-  model = disco.from_config(config.model, tasks.uses_cpu_kernels(config, mesh.devices.flat))
+  model = disco.from_config(config.model, tasks.uses_cpu_kernels(config, mesh.devices.flat),
+                            mesh.devices.flat[0].platform)
   inception_variables, fid_note = None, None
   if inception:
     inception_variables = inception_weights.load_inception(inception)

@@ -31,6 +31,13 @@ COLOUR_SOURCES = ('gt', 'mode')
 # config.model.dtype: compute dtype of convolutions and matmuls. float64 (with jax_enable_x64) is
 # for parity checks against the official model's float64 runs (disco_jax/parity.py), not training.
 DTYPES = ('float32', 'bfloat16', 'float64')
+PRECISIONS = ('default', 'high', 'highest')
+# matmul_precision 'auto' per platform. CPU: float32 is what XLA:CPU computes anyway. GPU: float32,
+# as the official PyTorch model (no TF32); the pooling einsums are a small part of the step. TPU:
+# one bfloat16 pass, the precision every other convolution and matmul of the model runs at there
+# by default; 'highest' would make these einsums six passes (float32 runs that want them exact
+# set 'highest').
+AUTO_PRECISION = {'cpu': 'highest', 'gpu': 'highest', 'tpu': 'default'}
 
 
 class DISCO(nn.Module):
@@ -54,6 +61,9 @@ class DISCO(nn.Module):
   # kernels.cpu's custom VJPs in the CNNs (see models.layers): `kernels.cpu.wanted` of
   # config.model.cpu_kernels and the devices the model runs on.
   cpu_kernels: bool = False
+  # The superpixel pooling and diffusing einsums' jax.lax.Precision ('highest': float32, as the
+  # official model): `matmul_precision` of config.model.matmul_precision and the platform.
+  matmul_precision: str = 'highest'
 
   def setup(self):
     self.segnet = SPixNet(self.spix_width, self.dtype, self.cpu_kernels)
@@ -83,7 +93,7 @@ class DISCO(nn.Module):
     assoc = jax.lax.stop_gradient(self.segnet(gray, train=False))  # (B, H, W, 9)
     features = self.repnet(gray, train).astype(out_dtype)  # (B, H, W, d)
     pooled, conf_sum = superpixel.pool(jnp.concatenate([features, ab.astype(out_dtype)], -1),
-                                       assoc)
+                                       assoc, precision=self.matmul_precision)
     tokens, spix_ab = pooled[..., :-2], pooled[..., -2:]
     pos = sine_position_encoding(tokens.shape[1], tokens.shape[2], self.d_model)
     modeler_out = self.wildpath(tokens, pos, train)
@@ -103,7 +113,7 @@ class DISCO(nn.Module):
     hint = jax.nn.one_hot(anchor_label, colour.NUM_BINS, dtype=tokens.dtype) * mask
     hint_emb = self.trg_word_emb(jnp.concatenate([tokens, hint, mask], -1)).astype(out_dtype)
     generator_out = self.hintpath(hint_emb, enc['pos'], train)
-    diffused = superpixel.diffuse(generator_out, enc['assoc'])
+    diffused = superpixel.diffuse(generator_out, enc['assoc'], precision=self.matmul_precision)
     return dict(hint_emb=hint_emb, generator_out=generator_out,
                 generator_logits=self.trg_word_prj(generator_out).astype(out_dtype),
                 diffused=diffused,
@@ -174,10 +184,20 @@ def count_params(params, prefix: Optional[str] = None) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def from_config(model_config, cpu_kernels: bool = False) -> DISCO:
+def matmul_precision(setting: str, platform: str) -> str:
+  """config.model.matmul_precision for a model compiled for `platform` ('cpu', 'gpu', 'tpu')."""
+  if setting not in PRECISIONS + ('auto',):
+    raise ValueError(f'config.model.matmul_precision={setting!r} must be one of '
+                     f"{PRECISIONS + ('auto',)}")
+  return AUTO_PRECISION.get(platform, 'highest') if setting == 'auto' else setting
+
+
+def from_config(model_config, cpu_kernels: bool = False, platform: str = 'cpu') -> DISCO:
   """A DISCO module from the `config.model` fields of `configs/disco.py`; `cpu_kernels` is the
-  resolved `config.model.cpu_kernels` setting (`kernels.cpu.wanted`)."""
+  resolved `config.model.cpu_kernels` setting (`kernels.cpu.wanted`), `platform` the one of the
+  devices it is compiled for (which `matmul_precision` 'auto' follows)."""
   fields = dict(model_config, cpu_kernels=cpu_kernels)
+  fields['matmul_precision'] = matmul_precision(fields.get('matmul_precision', 'auto'), platform)
   dtype = jnp.dtype(fields.get('dtype', 'float32')).name
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={fields['dtype']!r} must be one of {DTYPES}")

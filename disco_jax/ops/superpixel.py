@@ -5,7 +5,6 @@ cell c(p) + OFFSETS[k]. Pooling gathers pixel features into superpixel tokens, d
 token features back to pixels; both treat cells outside the grid as absent (zero padding), so mass
 pointing outside the image is dropped, exactly as the official code does.
 """
-import jax
 import jax.numpy as jnp
 
 STRIDE = 16  # superpixel grid step in pixels
@@ -13,7 +12,6 @@ STRIDE = 16  # superpixel grid step in pixels
 OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 POOL_EPS = 1e-8  # added to the block-averaged denominator, as the official code does
 
-_HI = jax.lax.Precision.HIGHEST
 
 
 def check_size(height, width, stride=STRIDE):
@@ -50,31 +48,34 @@ def _scatter_neighbours(per_cell):
   return out[:, 1:-1, 1:-1]
 
 
-def pool(feat, assoc, stride=STRIDE):
+def pool(feat, assoc, stride=STRIDE, precision='highest'):
   """SP-pooling: association-weighted mean of pixel features per superpixel.
 
   feat `(B, H, W, C)`, assoc `(B, H, W, 9)` -> (tokens `(B, h, w, C)`, conf_sum `(B, h, w)`), where
-  conf_sum = sum A / S^2 is the soft size of each superpixel (without eps).
+  conf_sum = sum A / S^2 is the soft size of each superpixel (without eps). precision: the
+  einsum's (jax.lax.Precision name; 'highest' is float32 on every backend).
   """
   ones = jnp.ones(feat.shape[:-1] + (1,), feat.dtype)
   fb = _blocks(jnp.concatenate([feat, ones], -1), stride)  # (B, h, S, w, S, C+1)
   ab = _blocks(assoc, stride)  # (B, h, S, w, S, 9)
   # Block means of A_k * f for every channel k: the official avg_pool of f * A_k.
-  per_cell = jnp.einsum('bhywxk,bhywxc->bhwkc', ab, fb, precision=_HI) / (stride * stride)
+  per_cell = jnp.einsum('bhywxk,bhywxc->bhwkc', ab, fb, precision=precision) / (stride * stride)
   pooled = _scatter_neighbours(per_cell)  # (B, h, w, C+1)
   conf_sum = pooled[..., -1]
   return pooled[..., :-1] / (conf_sum[..., None] + POOL_EPS), conf_sum
 
 
-def diffuse(tokens, assoc, stride=STRIDE):
+def diffuse(tokens, assoc, stride=STRIDE, precision='highest'):
   """SP-diffusing: out(p) = sum_k A_k(p) tokens[c(p) + OFFSETS[k]], tokens zero outside the grid.
 
   tokens `(B, h, w, C)`, assoc `(B, H, W, 9)` -> `(B, H, W, C)`. No renormalisation: border pixels
   whose mass points outside the grid get attenuated features, as in the official model.
+  precision as in `pool`.
   """
   b, height, width, _ = assoc.shape
   neigh = _gather_neighbours(tokens)  # (B, h, w, 9, C)
-  out = jnp.einsum('bhywxk,bhwkc->bhywxc', _blocks(assoc, stride), neigh, precision=_HI)
+  out = jnp.einsum('bhywxk,bhwkc->bhywxc', _blocks(assoc, stride), neigh,
+                   precision=precision)
   return out.reshape(b, height, width, tokens.shape[-1])
 
 

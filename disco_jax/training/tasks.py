@@ -138,8 +138,9 @@ class DiscoTask:
   mutable = ('batch_stats', 'spectral')
   frozen = ('segnet',)
 
-  def __init__(self, config, spixnet_variables=None, vgg_weights=None, cpu_kernels: bool = False):
-    self.model = disco.from_config(config.model, cpu_kernels)
+  def __init__(self, config, spixnet_variables=None, vgg_weights=None, cpu_kernels: bool = False,
+               platform: str = 'cpu'):
+    self.model = disco.from_config(config.model, cpu_kernels, platform)
     self.class_weights = jnp.asarray(colour.class_weights(config.loss.colorfulness))
     self.perceptual_weight = config.loss.perceptual_weight
     self.ab_l1_weight = config.loss.ab_l1_weight
@@ -229,11 +230,12 @@ def uses_cpu_kernels(config, devices) -> bool:
 def make_task(config, devices=None):
   """The task of `config.task` for a step compiled for `devices` (default: all of them, as
   train.py's mesh), with its frozen inputs (SPixNet, VGG19) loaded."""
-  cpu_kernels = uses_cpu_kernels(config, jax.devices() if devices is None else devices)
+  devices = jax.devices() if devices is None else list(devices)
+  cpu_kernels = uses_cpu_kernels(config, devices)
   if config.task == 'spixnet':
     return SpixTask(config, cpu_kernels)
   vgg_weights = None
   if config.loss.perceptual_weight > 0:
     vgg_weights = vgg19.load_vgg19(config.loss.vgg_weights)
   spix = load_spixnet_variables(config.spixnet_checkpoint) if config.spixnet_checkpoint else None
-  return DiscoTask(config, spix, vgg_weights, cpu_kernels)
+  return DiscoTask(config, spix, vgg_weights, cpu_kernels, devices[0].platform)

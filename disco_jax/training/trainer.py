@@ -418,7 +418,8 @@ def restore_trained(workdir: str, step=None, best: bool = False, config=None):
   mesh = sharding.make_mesh(1)
   cpu_kernels = tasks.uses_cpu_kernels(config, mesh.devices.flat)
   task = (tasks.SpixTask(config, cpu_kernels) if config.task == 'spixnet'
-          else tasks.DiscoTask(config, cpu_kernels=cpu_kernels))
+          else tasks.DiscoTask(config, cpu_kernels=cpu_kernels,
+                               platform=mesh.devices.flat[0].platform))
   tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 1),
                             frozen=task.frozen)
   abstract = jax.eval_shape(lambda: create_state(task, tx, config.seed))
