@@ -3,10 +3,12 @@ host without a TPU (libtpu from requirements-tpu.txt): per-chip FLOPs, HBM traff
 
   python bench/aot.py --topology v5e:2x2 --batch 96 --dtype bfloat16
   python bench/aot.py --topology v4:2x2x1 --batch 96 --remat --fsdp 2
+  python bench/aot.py --topology v5e:2x4 --slices 2 --batch 192 --fsdp 8
   python bench/aot.py --topology v5e:2x2 --batch 8 --size 64 --variant tiny --cases train
 
 One JSON line per case (train: the step train.py runs, VGG19 perceptual term included, random VGG19
-weights; infer: automatic colorization, k-means anchors and the modeler's colours). The roofline
+weights; infer: automatic colorization, k-means anchors and the modeler's colours; kmeans: the
+anchors alone, whose `scatter` count shows how cluster sums compile). The roofline
 takes the step as max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per chip, from XLA's
 cost analysis of the compiled program: `mfu_ceiling` is the best model FLOP utilisation that HBM
 traffic leaves. Peak FLOP/s is the chip's bf16 figure, float32 steps included.
@@ -42,8 +44,8 @@ CHIPS = {
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter')
 
 
-def topology_devices(topology: str):
-  """'v5e:2x2' -> its TPU devices, described by libtpu (no TPU needed)."""
+def topology_devices(topology: str, slices: int = 1):
+  """'v5e:2x2' -> the TPU devices of `slices` such slices, described by libtpu (no TPU needed)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip, _, shape = topology.partition(':')
   if chip not in CHIPS or not re.fullmatch(r'\d+(x\d+){1,2}', shape):
@@ -53,7 +55,7 @@ def topology_devices(topology: str):
   host = tuple(min(d, h) for d, h in zip(dims, CHIPS[chip]['host']))
   return topologies.get_topology_desc(platform='tpu', topology_name=topology,
                                       chip_config_name='default', chips_per_host_bounds=host,
-                                      num_slices=1).devices
+                                      num_slices=slices).devices
 
 
 def collective_counts(hlo_text: str) -> dict:
@@ -89,7 +91,8 @@ def _train(config, mesh, cpu_kernels):
   from disco_jax.training import optim, sharding, tasks, trainer  # pylint: disable=g-import-not-at-top
   vgg_params = jax.eval_shape(lambda: vgg.VGG19Features().init(
       jax.random.key(1), jnp.zeros((1, 32, 32, 3)))['params'])
-  task = tasks.DiscoTask(config, vgg_weights=(None, 'torch'), cpu_kernels=cpu_kernels)
+  task = tasks.DiscoTask(config, vgg_weights=(None, 'torch'), cpu_kernels=cpu_kernels,
+                         platform='tpu')
   schedule = optim.learning_rate_schedule(config.optim, 1000)
   tx = optim.make_optimizer(config.optim, schedule, frozen=task.frozen)
 
@@ -113,13 +116,32 @@ def _train(config, mesh, cpu_kernels):
   return jitted, (_abstract(abstract, state_shard), batch, vgg_abstract)
 
 
+def _kmeans(config, mesh, cpu_kernels):
+  """(jitted k-means anchors, their abstract arguments): the inference's clustering of the
+  modeler's token features, alone (its op kinds are lost in the full program)."""
+  del cpu_kernels
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from disco_jax.ops import anchors, superpixel  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  batch_shard, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  n, side = config.input.global_batch_size, config.input.image_size // superpixel.STRIDE
+  feats = jax.ShapeDtypeStruct((n, side, side, config.model.d_model), jnp.float32,
+                               sharding=batch_shard)
+  sizes = jax.ShapeDtypeStruct((n, side, side), jnp.float32, sharding=batch_shard)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+  fn = jax.jit(lambda k, f, s: anchors.kmeans_anchors(k, f, s, config.model.num_anchors),
+               out_shardings=batch_shard)
+  return fn, (key, feats, sizes)
+
+
 def _infer(config, mesh, cpu_kernels):
   """(jitted automatic colorization, its abstract arguments), as bench/run.py's infer cases."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from disco_jax.models import disco  # pylint: disable=g-import-not-at-top
   from disco_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  model = disco.from_config(config.model, cpu_kernels)
+  model = disco.from_config(config.model, cpu_kernels, 'tpu')
   variables = jax.eval_shape(lambda: disco.init_variables(model))
   batch_shard, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   size, n = config.input.image_size, config.input.global_batch_size
@@ -139,26 +161,30 @@ def run_case(case, args, devices):
   config = _config(args)
   mesh = sharding.make_mesh(args.fsdp, devices)
   cpu_kernels = tasks.uses_cpu_kernels(config, mesh.devices.flat)
-  jitted, abstract_args = (_train if case == 'train' else _infer)(config, mesh, cpu_kernels)
+  build = {'train': _train, 'infer': _infer, 'kmeans': _kmeans}[case]
+  jitted, abstract_args = build(config, mesh, cpu_kernels)
   t0 = time.perf_counter()
   compiled = jitted.lower(*abstract_args).compile()
   compile_s = time.perf_counter() - t0
   stats = compiled_stats.compiled_stats(compiled)
+  hlo = compiled.as_text()
   chip = CHIPS[args.topology.split(':')[0]]
   chips = len(devices)
   flops_s = stats['flops'] / chip['peak_flops']
   bytes_s = stats['bytes_accessed'] / chip['hbm_bandwidth']
   step_s = max(flops_s, bytes_s)
   return dict(
-      case=case, topology=args.topology, chips=chips, batch=args.batch, size=args.size,
-      variant=args.variant or 'released', dtype=args.dtype, remat=args.remat, fsdp=args.fsdp,
-      cpu_kernels=args.cpu_kernels, cpu_kernels_used=cpu_kernels, flops_per_chip=stats['flops'], bytes_accessed_per_chip=stats['bytes_accessed'],
+      case=case, topology=args.topology, slices=args.slices, chips=chips, batch=args.batch,
+      size=args.size, variant=args.variant or 'released', dtype=args.dtype, remat=args.remat,
+      fsdp=args.fsdp, cpu_kernels=args.cpu_kernels, cpu_kernels_used=cpu_kernels,
+      flops_per_chip=stats['flops'], bytes_accessed_per_chip=stats['bytes_accessed'],
       argument_bytes_per_chip=stats['argument_bytes'], output_bytes_per_chip=stats['output_bytes'],
       alias_bytes_per_chip=stats['alias_bytes'], temp_bytes_per_chip=stats['temp_bytes'],
       peak_bytes_per_chip=stats['peak_bytes'], hbm_bytes_per_chip=chip['hbm_bytes'],
       fits=stats['peak_bytes'] <= chip['hbm_bytes'],
       headroom=1 - stats['peak_bytes'] / chip['hbm_bytes'],
-      **collective_counts(compiled.as_text()), compile_s=compile_s,
+      **collective_counts(hlo), scatter=len(re.findall(r'\sscatter\(', hlo)),
+      compile_s=compile_s,
       flops_s=flops_s, bytes_s=bytes_s, roofline_step_s=step_s,
       images_per_s_per_chip=args.batch / chips / step_s if step_s else 0.0,
       mfu_ceiling=flops_s / step_s if step_s else 0.0)
@@ -173,15 +199,18 @@ def main():
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--remat', action='store_true', help='config.model.remat')
   parser.add_argument('--fsdp', type=int, default=1, help='config.mesh.fsdp')
+  parser.add_argument('--slices', type=int, default=1,
+                      help="slices of the topology joined by DCN ('data' spans them)")
   parser.add_argument('--cpu-kernels', default='auto', choices=('auto', 'on', 'off'),
                       help="config.model.cpu_kernels ('auto' is off on TPUs)")
   parser.add_argument('--variant', default='', help="configs/disco.py variant ('tiny' for tests)")
-  parser.add_argument('--cases', default='train,infer', help='comma-separated: train, infer')
+  parser.add_argument('--cases', default='train,infer',
+                      help='comma-separated: train, infer, kmeans (the anchors alone)')
   args = parser.parse_args()
   cases = [c for c in args.cases.split(',') if c]
-  if set(cases) - {'train', 'infer'}:
-    parser.error(f'--cases {args.cases!r}: choose from train, infer')
-  devices = topology_devices(args.topology)
+  if set(cases) - {'train', 'infer', 'kmeans'}:
+    parser.error(f'--cases {args.cases!r}: choose from train, infer, kmeans')
+  devices = topology_devices(args.topology, args.slices)
   if args.batch % len(devices):
     parser.error(f'--batch {args.batch} must be a multiple of the {len(devices)} chips of '
                  f'{args.topology}')

@@ -59,9 +59,11 @@ def kmeans(key, x, k, max_iters=20, tol=1e-4):
     # and no reduced-precision matmul on accelerators. argmin takes the lowest index on ties.
     dist = jnp.sum((x[:, None, :] - centres[None, :, :]) ** 2, axis=-1)  # (L, k)
     labels = jnp.argmin(dist, axis=-1).astype(jnp.int32)  # (L,)
-    sums = jax.ops.segment_sum(x, labels, num_segments=k)  # (k, D)
-    ones = jnp.ones((num_tokens,), jnp.float32)
-    counts = jax.ops.segment_sum(ones, labels, num_segments=k)  # (k,)
+    # Cluster sums as a one-hot matmul, not segment_sum: on TPU a scatter-add inside the loop
+    # serialises, a (k, L) x (L, D) dot is one MXU op (bench/NOTES.md). HIGHEST: float32 sums.
+    member = (labels[None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]).astype(jnp.float32)
+    sums = jnp.dot(member, x, precision=jax.lax.Precision.HIGHEST)  # (k, D)
+    counts = jnp.sum(member, axis=-1)  # (k,)
     # An empty cluster takes one token drawn uniformly from all L (the authors' fix for
     # kmeans_pytorch issue 16); the other draws are simply unused.
     draw = jax.random.randint(jax.random.fold_in(reseed_key, it), (k,), 0, num_tokens)  # (k,)
