@@ -133,6 +133,8 @@ class App:
     self.model, self.variables = model, variables
     self.photos = collections.OrderedDict()  # id -> Photo
     self.results = {}  # id -> (settings, Colorized) of the last colorization
+    # id -> (settings, colorize.Encoded): an edit that changes only hints decodes this again.
+    self.encoded = {}
     self.lock = threading.Lock()  # the CPU has no room for two forward passes at once
 
   def upload(self, data: bytes, name: str) -> dict:
@@ -144,6 +146,7 @@ class App:
       while len(self.photos) > KEEP_PHOTOS:
         old, _ = self.photos.popitem(last=False)
         self.results.pop(old, None)
+        self.encoded.pop(old, None)
     grey = np.repeat(np.rint(colour.rgb_to_lab(photo.preview.astype(np.float32) / 255.0)[
         ..., :1] * 2.55).astype(np.uint8), 3, -1)  # L 0..100 shown as 0..255
     return {'id': pid, 'name': name, 'width': full.shape[1], 'height': full.shape[0],
@@ -168,13 +171,18 @@ class App:
     hints = parse_hints(request.get('hints', []))
     if any(not 0 <= h['anchor'] < k for h in hints):
       raise PageError(f'hints: anchor indices must be in 0..{k - 1}')
+    settings = (k, seed, size, diverse)
     t0 = time.perf_counter()
     with self.lock:
       # clone() gives an equal (hashable) model per anchor count: its compiled steps are reused.
-      res = colorize.colorize_arrays(self.model.clone(num_anchors=k), self.variables,
-                                     [photo.preview], size, jax.random.key(seed), diverse,
-                                     [hints])[0]
-      self.results[request['id']] = ((k, seed, size, diverse), res)
+      model = self.model.clone(num_anchors=k)
+      held = self.encoded.get(request['id'])
+      if held is None or held[0] != settings:
+        held = settings, colorize.encode_arrays(model, self.variables, [photo.preview], size,
+                                                jax.random.key(seed), diverse)
+        self.encoded[request['id']] = held
+      res = colorize.decode_arrays(model, self.variables, held[1], [hints])[0]
+      self.results[request['id']] = (settings, res)
     seconds = time.perf_counter() - t0
     cells = colorize.anchor_cells(res.anchor_mask)
     return {'results': [png_data_url(colorize.draw_anchors(im, res.anchor_mask, size))

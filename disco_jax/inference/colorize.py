@@ -244,6 +244,60 @@ def draw_anchors(rgb: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- core
 
+class Encoded(NamedTuple):
+  """A batch up to its anchors: what `decode_arrays` colours, once per set of hints."""
+  rgb_list: Sequence[np.ndarray]  # the inputs, (H_i, W_i, 3)
+  size: int  # the work size
+  gray: jax.Array  # (B, S, S, 1)
+  enc: dict  # encode's outputs the generator reads
+  mask: np.ndarray  # (B, h, w) float32, > 0 at anchors
+  labels: np.ndarray  # (N, B, h, w) int32: each alternative's anchor bins, before hints
+
+
+def encode_arrays(model: disco.DISCO, variables, rgb_list: Sequence[np.ndarray],
+                  size: int = 256, key=None, diverse: int = 1,
+                  hint_rgb: Optional[Sequence[Optional[np.ndarray]]] = None) -> Encoded:
+  """The part of `colorize_arrays` that hints do not change: superpixels, features, the colour
+  modeler, the anchors and the alternatives' bins (arguments as there)."""
+  superpixel.check_size(size, size)
+  key = jax.random.key(OFFICIAL_SEED) if key is None else key
+  prepared = [to_work_size(rgb, size) for rgb in rgb_list]
+  gray = jnp.asarray(np.stack([p[0] for p in prepared]))  # (B, S, S, 1)
+  ab = np.stack([p[1] for p in prepared])  # (B, S, S, 2)
+  painted = [False] * len(rgb_list)
+  for i, hint_img in enumerate(hint_rgb or []):
+    if hint_img is not None:
+      if hint_img.shape != rgb_list[i].shape:
+        raise ValueError(f'the hint image is {hint_img.shape[1]}x{hint_img.shape[0]} but the input '
+                         f'is {rgb_list[i].shape[1]}x{rgb_list[i].shape[0]}: paint on a same-size copy')
+      ab[i], painted[i] = to_work_size(hint_img, size)[1], True
+  encode, _ = _steps(model)
+  enc, mask = encode(variables, gray, jnp.asarray(ab), key)
+  labels = np.array(alternative_labels(enc['modeler_logits'], diverse,
+                                       jax.random.fold_in(key, 1)))  # (N, B, h, w)
+  if any(painted):
+    gt_labels = np.asarray(colour.nearest_bin(enc['spix_ab']))  # (B, h, w)
+    for i in np.flatnonzero(painted):
+      labels[:, i] = gt_labels[i]
+  return Encoded(rgb_list, size, gray, enc, np.asarray(mask), labels)
+
+
+def decode_arrays(model: disco.DISCO, variables, encoded: Encoded,
+                  hints: Optional[Sequence[Sequence[dict]]] = None) -> List[Colorized]:
+  """`encoded`'s colorizations with hints[i] applied to image i: the generator and RefineNet only,
+  so an edit costs a fraction of a colorization."""
+  _, decode = _steps(model)
+  rgb_list, mask, labels = encoded.rgb_list, encoded.mask, encoded.labels.copy()
+  for i, image_hints in enumerate(hints or []):
+    if image_hints:
+      labels[:, i] = apply_hints(labels[:, i], mask[i], image_hints, rgb_list[i].shape[:2],
+                                 encoded.size)
+  preds = [np.asarray(decode(variables, encoded.gray, encoded.enc, jnp.asarray(mask),
+                             jnp.asarray(alt))) for alt in labels]  # N x (B, S, S, 2)
+  return [Colorized([compose(rgb_list[i], pred[i]) for pred in preds], mask[i], labels[:, i])
+          for i in range(len(rgb_list))]
+
+
 def colorize_arrays(model: disco.DISCO, variables, rgb_list: Sequence[np.ndarray],
                     size: int = 256, key=None, diverse: int = 1,
                     hints: Optional[Sequence[Sequence[dict]]] = None,
@@ -255,34 +309,8 @@ def colorize_arrays(model: disco.DISCO, variables, rgb_list: Sequence[np.ndarray
   alternatives per image. hints[i]: hint entries for image i. hint_rgb[i]: a painted copy of image i
   (same size) whose superpixel-mean ab labels every anchor (the demo's editable mode), or None.
   """
-  superpixel.check_size(size, size)
-  key = jax.random.key(OFFICIAL_SEED) if key is None else key
-  n = len(rgb_list)
-  prepared = [to_work_size(rgb, size) for rgb in rgb_list]
-  gray = jnp.asarray(np.stack([p[0] for p in prepared]))  # (B, S, S, 1)
-  ab = np.stack([p[1] for p in prepared])  # (B, S, S, 2)
-  painted = [False] * n
-  for i, hint_img in enumerate(hint_rgb or []):
-    if hint_img is not None:
-      if hint_img.shape != rgb_list[i].shape:
-        raise ValueError(f'the hint image is {hint_img.shape[1]}x{hint_img.shape[0]} but the input '
-                         f'is {rgb_list[i].shape[1]}x{rgb_list[i].shape[0]}: paint on a same-size copy')
-      ab[i], painted[i] = to_work_size(hint_img, size)[1], True
-  encode, decode = _steps(model)
-  enc, mask = encode(variables, gray, jnp.asarray(ab), key)
-  labels = np.array(alternative_labels(enc['modeler_logits'], diverse,
-                                       jax.random.fold_in(key, 1)))  # (N, B, h, w)
-  gt_labels = np.asarray(colour.nearest_bin(enc['spix_ab']))  # (B, h, w)
-  mask = np.asarray(mask)
-  for i in range(n):
-    if painted[i]:
-      labels[:, i] = gt_labels[i]
-    if hints and hints[i]:
-      labels[:, i] = apply_hints(labels[:, i], mask[i], hints[i], rgb_list[i].shape[:2], size)
-  preds = [np.asarray(decode(variables, gray, enc, jnp.asarray(mask), jnp.asarray(alt)))
-           for alt in labels]  # N x (B, S, S, 2)
-  return [Colorized([compose(rgb_list[i], pred[i]) for pred in preds], mask[i], labels[:, i])
-          for i in range(n)]
+  encoded = encode_arrays(model, variables, rgb_list, size, key, diverse, hint_rgb)
+  return decode_arrays(model, variables, encoded, hints)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -299,16 +327,19 @@ def list_inputs(path: str):
 
 
 def local_model(model_config) -> disco.DISCO:
-  """`config.model`'s DISCO, its `cpu_kernels` setting resolved for the devices this runs on."""
+  """`config.model`'s DISCO, its `cpu_kernels` and `matmul_precision` settings resolved for the
+  devices this runs on."""
   setting = model_config.get('cpu_kernels', 'auto')
   fields = {k: v for k, v in dict(model_config).items() if k != 'cpu_kernels'}
-  return disco.from_config(fields, cpu.wanted(setting, jax.local_devices()))
+  devices = jax.local_devices()
+  return disco.from_config(fields, cpu.wanted(setting, devices), devices[0].platform)
 
 
 def model_from_fields(fields: dict) -> disco.DISCO:
   """The released DISCO with the given fields (e.g. `{"d_model": 32}`) changed."""
-  # cpu_kernels is not a size: it follows the devices this runs on.
-  known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name', 'cpu_kernels'}
+  # cpu_kernels and matmul_precision are not sizes: they follow the devices this runs on.
+  known = {f.name for f in dataclasses.fields(disco.DISCO)} - {'parent', 'name', 'cpu_kernels',
+                                                               'matmul_precision'}
   if set(fields) - known:
     raise ValueError(f'unknown DISCO fields {sorted(set(fields) - known)}; known: '
                      f'{sorted(known)}')
