@@ -17,7 +17,6 @@ Network access fails the test. The records are then read, decoded, squashed and 
 """
 import io
 import json
-import os
 import socket
 import tarfile
 
