@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 
 # pytest exits 5 when it collects no test: report it rather than fail on it.
 test: setup
-	@$(PY) -m pytest -q tests; rc=$$?; \
+	@$(PY) -m pytest -q --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # The CPU demo, no network: stage 1 (SPixNet) briefly, then stage 2 (the colorizer) on the photos

@@ -168,6 +168,9 @@ def run_case(case, args, devices):
   compile_s = time.perf_counter() - t0
   stats = compiled_stats.compiled_stats(compiled)
   hlo = compiled.as_text()
+  if args.hlo:
+    with open(f'{args.hlo}.{case}.hlo', 'w') as f:  # to read where the bytes go
+      f.write(hlo)
   chip = CHIPS[args.topology.split(':')[0]]
   chips = len(devices)
   flops_s = stats['flops'] / chip['peak_flops']
@@ -204,6 +207,7 @@ def main():
   parser.add_argument('--cpu-kernels', default='auto', choices=('auto', 'on', 'off'),
                       help="config.model.cpu_kernels ('auto' is off on TPUs)")
   parser.add_argument('--variant', default='', help="configs/disco.py variant ('tiny' for tests)")
+  parser.add_argument('--hlo', default='', help='write each compiled program to HLO.CASE.hlo')
   parser.add_argument('--cases', default='train,infer',
                       help='comma-separated: train, infer, kmeans (the anchors alone)')
   args = parser.parse_args()

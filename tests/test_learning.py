@@ -9,8 +9,8 @@ at least CE_DROP from step 0, and the colorization's ab L1 at most L1_RATIO of t
 colour's (the per-channel median ab of those photos, computed here).
 One device, seeds, batches and steps are fixed, so the figures are the same on every run of this
 code: a broken gradient, optimizer or data path fails it (`learn(dir, 0.0)`, learning rate 0,
-fails both: CE 10.91 -> 10.79 nats, ab L1 1.05x the constant's). Almost all of its time is
-compiling the train and eval steps; the steps take ~40 s.
+fails both: CE 10.91 -> 10.79 nats, ab L1 4.4x the constant's, as BatchNorm statistics move).
+Almost all of its time is compiling the train and eval steps; the steps take ~40 s.
 """
 import jax
 import numpy as np
@@ -24,7 +24,7 @@ STEPS = 150
 LEARNING_RATE = 3e-3  # 3 x the tiny config's: the margin below in 150 steps
 # The margins are well inside the measured trajectory (bench/NOTES.md, "The learning test").
 CE_DROP = 3.0  # nats, of the summed cross-entropies
-L1_RATIO = 0.9  # of the constant colour's ab L1 (measured after 150 steps: 0.73)
+L1_RATIO = 0.9  # of the constant colour's ab L1 (measured after 150 steps: 0.82)
 
 
 def _config(data_dir, learning_rate):
