@@ -12,14 +12,17 @@ wall time cannot.
 """
 import argparse
 import io
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-from disco_jax.app import server
-from disco_jax.models import disco
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from disco_jax.app import server  # pylint: disable=wrong-import-position
+from disco_jax.models import disco  # pylint: disable=wrong-import-position
 
 
 def main():

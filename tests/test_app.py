@@ -237,3 +237,24 @@ def test_three_alternatives_carry_the_edit_and_download_each(tiny):
     app.colorize({'id': pid, 'anchors': 15})
   with pytest.raises(server.PageError, match='anchor indices must be in 0..7'):
     app.colorize({'id': pid, 'anchors': PAGE_ANCHORS, 'hints': [{'anchor': 8, 'rgb': [0] * 3}]})
+
+
+def test_an_edit_decodes_the_held_encoding_and_new_settings_encode_again(tiny, monkeypatch):
+  model, variables, _ = tiny
+  app = server.App(model, variables)
+  photo = _photo(96, 128, seed=7)
+  pid = app.upload(_png_bytes(Image.fromarray(photo)), 'p.png')['id']
+  app.colorize({'id': pid, 'anchors': 4, 'size': PAGE_SIZE})
+  encodes = []
+  real = colorize.encode_arrays
+  monkeypatch.setattr(colorize, 'encode_arrays', lambda *a, **k: encodes.append(a) or real(*a, **k))
+  hints = [{'anchor': 1, 'rgb': list(EDIT_RGB)}]
+  app.colorize({'id': pid, 'anchors': 4, 'size': PAGE_SIZE, 'hints': hints})
+  assert not encodes  # hints alone: the held encoding
+  _, png = app.download(pid, '0')
+  expected = colorize.colorize_arrays(model.clone(num_anchors=4), variables, [photo], PAGE_SIZE,
+                                      jax.random.key(PAGE_SEED), 1, [hints])[0]
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), expected.images[0])
+  encodes.clear()
+  app.colorize({'id': pid, 'anchors': 4, 'size': PAGE_SIZE, 'seed': 3, 'hints': hints})
+  assert len(encodes) == 1  # a new seed: new anchors, encoded again
