@@ -24,7 +24,8 @@ import aot
 from disco_jax.training import sharding
 for topology, slices, fsdp in (('v5e:2x2', 2, 4), ('v5e:2x4', 1, 2)):
   mesh = sharding.make_mesh(fsdp, aot.topology_devices(topology, slices))
-  print(json.dumps([[[d.slice_index, *d.coords[:2]] for d in row] for row in mesh.devices]))
+  print(json.dumps([[[getattr(d, 'slice_index', 0), *d.coords[:2]] for d in row]
+                    for row in mesh.devices]))
 """
 
 
