@@ -11,7 +11,8 @@ weights; infer: automatic colorization, k-means anchors and the modeler's colour
 anchors alone, whose `scatter` count shows how cluster sums compile). The roofline
 takes the step as max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per chip, from XLA's
 cost analysis of the compiled program: `mfu_ceiling` is the best model FLOP utilisation that HBM
-traffic leaves. Peak FLOP/s is the chip's bf16 figure, float32 steps included.
+traffic leaves, `hfu_ceiling` the same with the FLOPs that remat recomputes counted (the two
+differ only with --remat). Peak FLOP/s is the chip's bf16 figure, float32 steps included.
 """
 import argparse
 import copy
@@ -155,6 +156,25 @@ def _infer(config, mesh, cpu_kernels):
   return fwd, (_abstract(variables, shardings), gray, ab, key)
 
 
+def recompute_share(case, args, chips):
+  """1 - (FLOPs without remat) / (FLOPs with it) of one chip's share of the step: the part of a
+  remat step's compiled FLOPs that recomputes the forward, which model FLOP utilisation must not
+  count. From the unoptimised programs (lowering only, no compile) on one CPU device at the
+  per-chip batch, where XLA's cost analysis is available."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from disco_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(1, jax.devices('cpu')[:1])
+  flops = []
+  for remat in (False, True):
+    share = argparse.Namespace(**{**vars(args), 'batch': args.batch // chips, 'remat': remat,
+                                  'fsdp': 1, 'cpu_kernels': 'off'})
+    build = {'train': _train, 'infer': _infer, 'kmeans': _kmeans}[case]
+    cost = build(_config(share), mesh, False)
+    cost = cost[0].lower(*cost[1]).cost_analysis()
+    flops.append((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  return 1 - flops[0] / flops[1]
+
+
 def run_case(case, args, devices):
   """The JSON record of one compiled case."""
   from disco_jax.training import compiled_stats, sharding, tasks  # pylint: disable=g-import-not-at-top
@@ -176,6 +196,8 @@ def run_case(case, args, devices):
   flops_s = stats['flops'] / chip['peak_flops']
   bytes_s = stats['bytes_accessed'] / chip['hbm_bandwidth']
   step_s = max(flops_s, bytes_s)
+  recompute = recompute_share(case, args, chips) if args.remat else 0.0
+  model_flops_s = flops_s * (1 - recompute)
   return dict(
       case=case, topology=args.topology, slices=args.slices, chips=chips, batch=args.batch,
       size=args.size, variant=args.variant or 'released', dtype=args.dtype, remat=args.remat,
@@ -190,7 +212,9 @@ def run_case(case, args, devices):
       compile_s=compile_s,
       flops_s=flops_s, bytes_s=bytes_s, roofline_step_s=step_s,
       images_per_s_per_chip=args.batch / chips / step_s if step_s else 0.0,
-      mfu_ceiling=flops_s / step_s if step_s else 0.0)
+      recompute_share=recompute, model_flops_per_chip=model_flops_s * chip['peak_flops'],
+      hfu_ceiling=flops_s / step_s if step_s else 0.0,
+      mfu_ceiling=model_flops_s / step_s if step_s else 0.0)
 
 
 def main():

@@ -1,5 +1,6 @@
 """bench/aot.py: the tiny config's training step compiled for 4 v5e chips, with no TPU here; the
 mesh over TPU slices as libtpu describes them."""
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -73,6 +74,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2():
              record['bytes_accessed_per_chip'] / chip['hbm_bandwidth'])
   assert record['roofline_step_s'] == pytest.approx(step, rel=1e-9)
   assert 0 < record['mfu_ceiling'] <= 1 and record['compile_s'] > 0
+  assert record['recompute_share'] == 0 and record['hfu_ceiling'] == record['mfu_ceiling']
   assert record['images_per_s_per_chip'] == pytest.approx(2 / step, rel=1e-9)
 
 
@@ -82,3 +84,11 @@ def test_collective_counts_read_sync_and_async_ops():
          '  %c = f32[8] all-gather-done((f32[4], f32[8]) %b)\n'
          '  %d = f32[2] reduce-scatter(f32[8] %z)\n  %e = f32[4] all-reduce-start(f32[4] %x)\n')
   assert aot.collective_counts(hlo) == {'all_reduce': 2, 'all_gather': 1, 'reduce_scatter': 1}
+
+
+def test_remat_recompute_share_is_the_extra_forward():
+  args = argparse.Namespace(variant='tiny', size=64, batch=8, dtype='float32', remat=True,
+                            cpu_kernels='auto', fsdp=1, slices=1)
+  share = aot.recompute_share('train', args, chips=4)
+  # Recomputing (most of) the forward adds up to one forward to forward + backward (~3 forwards).
+  assert 0.05 < share < 0.34, share
