@@ -14,8 +14,9 @@ sys.path.insert(0, str(REPO / 'bench'))
 import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason='libtpu is not installed: pip install -r requirements-tpu.txt')
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None,
+    reason='libtpu is not installed: pip install -r requirements-tpu.txt')
 
 # Prints, per row of the ('data', 'fsdp') mesh, each device's (slice, x, y).
 MESH_SCRIPT = """

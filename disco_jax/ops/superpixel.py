@@ -13,7 +13,6 @@ OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 POOL_EPS = 1e-8  # added to the block-averaged denominator, as the official code does
 
 
-
 def check_size(height, width, stride=STRIDE):
   if height % stride or width % stride or height <= 0 or width <= 0:
     raise ValueError(
