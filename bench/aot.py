@@ -156,6 +156,9 @@ def _infer(config, mesh, cpu_kernels):
   return fwd, (_abstract(variables, shardings), gray, ab, key)
 
 
+BUILDERS = {'train': _train, 'infer': _infer, 'kmeans': _kmeans}  # case -> (jitted, arguments)
+
+
 def recompute_share(case, args, chips):
   """1 - (FLOPs without remat) / (FLOPs with it) of one chip's share of the step: the part of a
   remat step's compiled FLOPs that recomputes the forward, which model FLOP utilisation must not
@@ -168,8 +171,7 @@ def recompute_share(case, args, chips):
   for remat in (False, True):
     share = argparse.Namespace(**{**vars(args), 'batch': args.batch // chips, 'remat': remat,
                                   'fsdp': 1, 'cpu_kernels': 'off'})
-    build = {'train': _train, 'infer': _infer, 'kmeans': _kmeans}[case]
-    cost = build(_config(share), mesh, False)
+    cost = BUILDERS[case](_config(share), mesh, False)
     cost = cost[0].lower(*cost[1]).cost_analysis()
     flops.append((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
   return 1 - flops[0] / flops[1]
@@ -181,8 +183,7 @@ def run_case(case, args, devices):
   config = _config(args)
   mesh = sharding.make_mesh(args.fsdp, devices)
   cpu_kernels = tasks.uses_cpu_kernels(config, mesh.devices.flat)
-  build = {'train': _train, 'infer': _infer, 'kmeans': _kmeans}[case]
-  jitted, abstract_args = build(config, mesh, cpu_kernels)
+  jitted, abstract_args = BUILDERS[case](config, mesh, cpu_kernels)
   t0 = time.perf_counter()
   compiled = jitted.lower(*abstract_args).compile()
   compile_s = time.perf_counter() - t0
@@ -236,8 +237,8 @@ def main():
                       help='comma-separated: train, infer, kmeans (the anchors alone)')
   args = parser.parse_args()
   cases = [c for c in args.cases.split(',') if c]
-  if set(cases) - {'train', 'infer', 'kmeans'}:
-    parser.error(f'--cases {args.cases!r}: choose from train, infer, kmeans')
+  if set(cases) - set(BUILDERS):
+    parser.error(f'--cases {args.cases!r}: choose from {", ".join(BUILDERS)}')
   devices = topology_devices(args.topology, args.slices)
   if args.batch % len(devices):
     parser.error(f'--batch {args.batch} must be a multiple of the {len(devices)} chips of '
