@@ -82,4 +82,3 @@ def test_colorization_beats_the_best_constant_colour(learned):
   l1 = lambda v: v['val_ab_l1'] / weight
   print(f'validation ab L1 {l1(before):.4f} -> {l1(after):.4f}, constant colour {constant:.4f}')
   assert l1(after) <= L1_RATIO * constant, (l1(before), l1(after), constant)
-
