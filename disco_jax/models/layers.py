@@ -187,10 +187,9 @@ class BatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.eps)
-    if x.dtype != stat_dtype:
-      # x * mul - mean * mul cancels badly in bf16 when |mean| >> std: normalise in float32.
-      return ((x.astype(stat_dtype) - mean) * mul + bias).astype(x.dtype)
-    return x * mul + (bias - mean * mul)
+    # Centred before scaling: x * mul - mean * mul cancels when |mean| >> std, in bf16's forward
+    # and in float32's gradient (its d/dmul is sum(g x) - mean sum(g)); see bench/NOTES.md.
+    return ((x.astype(stat_dtype) - mean) * mul + bias).astype(x.dtype)
 
 
 # Name of the activations kept when the training step rematerialises (`config.model.remat`).
