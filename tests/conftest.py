@@ -1,14 +1,25 @@
 """Test set-up: four virtual CPU devices (for the sharded tests) and the parity fixtures' folder."""
+import atexit
 import functools
 import importlib.util
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 # Must happen before any computation creates the CPU backend.
 jax.config.update('jax_num_cpu_devices', 4)
+
+# One persistent compilation cache for the session, inherited through the environment by the
+# processes the tests start (unless they name their own): a tiny step compiles once rather than
+# in every test that builds it. It starts empty, so each session still compiles everything once.
+_CACHE = tempfile.mkdtemp(prefix='disco-jax-test-xla-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+jax.config.update('jax_compilation_cache_dir', _CACHE)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
