@@ -36,8 +36,12 @@ sys.path.insert(0, ROOT)
 # Cloud TPU system architecture pages: https://cloud.google.com/tpu/docs/v4,
 # https://cloud.google.com/tpu/docs/v5e, https://cloud.google.com/tpu/docs/v5p,
 # https://cloud.google.com/tpu/docs/v6e (HBM "GB" there are GiB: 16, 32, 95, 32).
+# `config`: libtpu's chip configuration. v4's 'default' makes each of its two TensorCores a device;
+# TPU VMs run it as one megacore device per chip, as v5p's 'default' already is (and mesh_utils
+# refuses anything else on v4).
 CHIPS = {
-    'v4': dict(peak_flops=275e12, hbm_bytes=32 * 2**30, hbm_bandwidth=1200e9, host=(2, 2, 1)),
+    'v4': dict(peak_flops=275e12, hbm_bytes=32 * 2**30, hbm_bandwidth=1200e9, host=(2, 2, 1),
+               config='megacore'),
     'v5e': dict(peak_flops=197e12, hbm_bytes=16 * 2**30, hbm_bandwidth=819e9, host=(2, 4, 1)),
     'v5p': dict(peak_flops=459e12, hbm_bytes=95 * 2**30, hbm_bandwidth=2765e9, host=(2, 2, 1)),
     'v6e': dict(peak_flops=918e12, hbm_bytes=32 * 2**30, hbm_bandwidth=1640e9, host=(2, 4, 1)),
@@ -55,8 +59,8 @@ def topology_devices(topology: str, slices: int = 1):
   dims = [int(d) for d in shape.split('x')] + [1]
   host = tuple(min(d, h) for d, h in zip(dims, CHIPS[chip]['host']))
   return topologies.get_topology_desc(platform='tpu', topology_name=topology,
-                                      chip_config_name='default', chips_per_host_bounds=host,
-                                      num_slices=slices).devices
+                                      chip_config_name=CHIPS[chip].get('config', 'default'),
+                                      chips_per_host_bounds=host, num_slices=slices).devices
 
 
 def collective_counts(hlo_text: str) -> dict:

@@ -24,7 +24,7 @@ import json, sys
 sys.path.insert(0, 'bench')
 import aot
 from disco_jax.training import sharding
-for topology, slices, fsdp in (('v5e:2x2', 2, 4), ('v5e:2x4', 1, 2)):
+for topology, slices, fsdp in (('v5e:2x2', 2, 4), ('v5e:2x4', 1, 2), ('v4:2x2x1', 1, 4)):
   mesh = sharding.make_mesh(fsdp, aot.topology_devices(topology, slices))
   print(json.dumps([[[getattr(d, 'slice_index', 0), *d.coords[:2]] for d in row]
                     for row in mesh.devices]))
@@ -36,7 +36,8 @@ def test_mesh_keeps_fsdp_on_ici_neighbours_and_data_across_slices():
   proc = subprocess.run([sys.executable, '-c', MESH_SCRIPT], capture_output=True, text=True,
                         check=False, cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  two_slices, one_slice = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('[')]
+  two_slices, one_slice, v4 = [json.loads(l) for l in proc.stdout.splitlines()
+                               if l.startswith('[')]
   # 2 slices of 2x2, fsdp 4: each row is one whole slice, the 'data' axis goes across them.
   assert [sorted({s for s, _, _ in row}) for row in two_slices] == [[0], [1]]
   for row in two_slices:  # the fsdp group in ring order: each chip beside the next (ICI)
@@ -48,6 +49,8 @@ def test_mesh_keeps_fsdp_on_ici_neighbours_and_data_across_slices():
   for row in one_slice:
     (_, x0, y0), (_, x1, y1) = row
     assert abs(x0 - x1) + abs(y0 - y1) == 1, one_slice
+  # v4 as TPU VMs run it, one megacore device per chip: its 4 chips, each once.
+  assert len(v4) == 1 and sorted((x, y) for _, x, y in v4[0]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 @needs_libtpu
