@@ -313,9 +313,14 @@ def make_handler(app: App):
   return Handler
 
 
+def make_server(app: App, port: int, host: str = '127.0.0.1') -> http.server.ThreadingHTTPServer:
+  """The page's HTTP server, listening on `port` (0: a free one), not yet serving."""
+  return http.server.ThreadingHTTPServer((host, port), make_handler(app))
+
+
 def serve(app: App, port: int, host: str = '127.0.0.1'):
   """Serve until interrupted; prints the address once it is listening."""
-  server = http.server.ThreadingHTTPServer((host, port), make_handler(app))
+  server = make_server(app, port, host)
   print(f'serving on http://{host}:{server.server_address[1]}/', flush=True)
   try:
     server.serve_forever()
